@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny backbone (built once per session) and the golden test data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).parent / "golden_data"
+INPUT_NAMES = ["brick_good", "brick_scratch", "gravel_good", "gravel_stain"]
+INPUT_CLASSES = ["brick", "brick", "gravel", "gravel"]
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden(method: str, file: str) -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN / method / file))
+
+
+def golden_json(method: str, file: str):
+    return json.loads((GOLDEN / method / file).read_text())
+
+
+def golden_hash(method: str, key: str) -> dict:
+    return golden_json(method, "hashes.json")[key]
+
+
+def input_paths(masks: bool = False) -> list[Path]:
+    return [GOLDEN / "inputs" / f"{n}{'_mask' if masks else ''}.png" for n in INPUT_NAMES]
+
+
+def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str = ""):
+    """torch.testing.assert_close on float32 CPU copies, with the tolerance in the message."""
+    torch.testing.assert_close(actual.detach().cpu().float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{name}: {m} (atol {atol}, rtol {rtol})")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from zsad_core.backbone import load_backbone
+
+    return load_backbone("tiny")

@@ -1,0 +1,25 @@
+"""Losses shared by the trainable methods, written as the official codes compute them."""
+from __future__ import annotations
+
+import torch
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """Focal loss on *probabilities* (AnomalyCLIP / APRIL-GAN / FAPrompt / AA-CLIP `FocalLoss()`).
+
+    probs [B, C, H, W] (already softmaxed, no nonlinearity applied), target [B, H, W] class indices.
+    The one-hot target is clamped to [smooth, 1 - smooth]; pt = sum_c onehot_c p_c + smooth;
+    loss = mean over all B*H*W pixels of -(1 - pt)^gamma log(pt) (alpha = 1).
+    """
+    c = probs.shape[1]
+    p = probs.permute(0, 2, 3, 1).reshape(-1, c)
+    onehot = torch.zeros_like(p).scatter_(1, target.reshape(-1, 1).long(), 1.0)
+    onehot = onehot.clamp(smooth / (c - 1), 1.0 - smooth)
+    pt = (onehot * p).sum(1) + smooth
+    return (-(1 - pt).pow(gamma) * pt.log()).mean()
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Binary Dice loss `1 - mean_b (2 sum p t + s) / (sum p + sum t + s)`, per image then averaged."""
+    p, t = pred.reshape(pred.shape[0], -1), target.reshape(target.shape[0], -1).to(pred.dtype)
+    return 1 - ((2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()

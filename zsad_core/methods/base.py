@@ -1,0 +1,201 @@
+"""The interface every method shares, and the registry that finds a method by name.
+
+A method turns a batch of preprocessed images of one category into raw outputs (`forward`, batched,
+no per-image loop), and a whole category's raw outputs into image scores [N] and anomaly maps
+[N, S, S] (`finalize`, where official scorings that normalise over the test images of a class
+live). `predict` chains the two. Training hooks (`training_loss`, `trainable_parameters`) are used
+by the training engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, OptionError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method available by its `name` (zsad predict --method NAME)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type["Method"]:
+    from . import _load_all  # noqa: F401 - importing the package registers every method
+
+    _load_all()
+    if name not in METHODS:
+        raise OptionError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+@dataclass
+class Prediction:
+    """Per-image outputs of a method, in input order."""
+
+    image_scores: torch.Tensor  # [N] float32, higher = more anomalous
+    anomaly_maps: torch.Tensor | None = None  # [N, S, S] float32 at the method's evaluation size
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set the class attributes and implement `forward`."""
+
+    name: ClassVar[str] = ""
+    has_maps: ClassVar[bool] = True
+    activation: ClassVar[str] = "quick_gelu"  # the MLP activation the official code runs CLIP with
+    image_convention: ClassVar[str] = "squash"  # zsad_core.preprocess.IMAGE_CONVENTIONS
+    mask_convention: ClassVar[str] = "bilinear"  # zsad_core.preprocess.MASK_CONVENTIONS
+    default_image_size: ClassVar[int | None] = None  # None: the backbone's native size
+    uses_class_name: ClassVar[bool] = True  # whether prompts put the category name (else "object")
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, backbone, options=None, image_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.options = options if options is not None else self.Options()
+        self.image_size = int(image_size or self.default_image_size or backbone.native_image_size)
+        backbone.grid_for(self.image_size)  # validates the size against the patch size
+        # Methods may share one backbone; each runs it with its own activation.
+        self.run_activation = getattr(self.options, "activation", None) or self.activation
+        self.register_forward_pre_hook(_use_own_activation)
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, images: torch.Tensor, class_names: list[str]) -> dict[str, torch.Tensor]:
+        """Raw outputs for a batch [B, 3, S, S]; must contain `image_scores` (and `anomaly_maps`)."""
+        raise NotImplementedError
+
+    def finalize(self, raw: dict[str, torch.Tensor]) -> Prediction:
+        """Turn the raw outputs of all images of one category (concatenated) into the prediction."""
+        extras = {k: v for k, v in raw.items() if k not in ("image_scores", "anomaly_maps")}
+        return Prediction(raw["image_scores"].float(), raw.get("anomaly_maps"), extras)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, class_name: str = "object", batch_size: int = 8) -> Prediction:
+        """Images of one category [N, 3, S, S] -> Prediction (batched forward, then finalize)."""
+        self.eval()
+        chunks = [self(images[i:i + batch_size].to(self.backbone.device), [class_name] * len(images[i:i + batch_size]))
+                  for i in range(0, len(images), batch_size)]
+        raw = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+        return self.finalize(raw)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load learnable parameters: the official format of the method or zsad's own."""
+        raise CheckpointError(f"{path}: method {self.name!r} has no learnable parameters, so it takes no "
+                              "checkpoint; drop --checkpoint")
+
+    def set_draws(self, path: str | Path) -> None:
+        """Inject recorded random draws (methods that sample override this)."""
+        raise OptionError(f"method {self.name!r} draws no random numbers; drop --draws")
+
+    # ------------------------------------------------------------------ training hooks
+    # The training engine (zsad_core.train) drives these. A batch is a dict: images [B,3,S,S]
+    # (preprocessed), masks [B,S,S] float {0,1}, labels [B] long, class_names list[str].
+    stages: ClassVar[tuple[str, ...]] = ()  # training stages in order; () = not trainable
+    recipe: ClassVar[dict] = {}  # official recipe per stage: epochs, batch_size, seed, ...
+
+    def trainable_parameters(self, stage: str | None = None) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
+        """(optimizer, scheduler or None) of the official recipe for a stage."""
+        raise NotImplementedError(f"method {self.name!r} is not trainable")
+
+    def training_loss(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """Named loss terms of one step; "total" is back-propagated."""
+        raise NotImplementedError(f"method {self.name!r} is not trainable")
+
+    def learnable_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of zsad's own checkpoint (safetensors + JSON config)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_learnable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.learnable_state()) - set(state)
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {sorted(missing)[:5]}; was it saved by method {self.name!r}?")
+        self.load_state_dict(state, strict=False)
+
+    def export_official(self, path: str | Path) -> None:
+        """Write the learnable parameters in the official checkpoint format."""
+        raise NotImplementedError(f"method {self.name!r} has no official checkpoint format")
+
+    # ------------------------------------------------------------------ description
+    def config(self) -> dict:
+        return {"method": self.name, "image_size": self.image_size, "activation": self.backbone.activation,
+                "backbone": self.backbone.name, "options": dataclasses.asdict(self.options)}
+
+
+def _use_own_activation(method: Method, _args) -> None:
+    method.backbone.set_activation(method.run_activation)
+
+
+# ---------------------------------------------------------------------------- options from --set
+def _coerce(value: str, annotation, key: str):
+    """Convert one --set string to the type of its Options field."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        if value not in args:
+            raise OptionError(f"option {key}={value!r}: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
+        items = [_coerce(p, args[0] if args else str, key) for p in value.replace(" ", "").split(",") if p]
+        return tuple(items) if origin is tuple else items
+    try:
+        if annotation is bool:
+            return {"1": True, "true": True, "yes": True, "on": True,
+                    "0": False, "false": False, "no": False, "off": False}[value.lower()]
+        return annotation(value)
+    except (KeyError, ValueError, TypeError):
+        raise OptionError(f"option {key}={value!r}: expected {getattr(annotation, '__name__', annotation)}") from None
+
+
+def parse_options(options_cls, assignments=(), **overrides):
+    """Build an Options dataclass from `KEY=VALUE` strings (zsad --set) and keyword overrides."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    hints = typing.get_type_hints(options_cls)
+    values = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise OptionError(f"--set {item!r}: write KEY=VALUE")
+        if key not in fields:
+            raise OptionError(f"unknown option {key!r}; options: {', '.join(fields) or 'none'}")
+        values[key] = _coerce(value.strip(), hints[key], key)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise OptionError(f"unknown option {key!r}; options: {', '.join(fields) or 'none'}")
+        values[key] = value
+    options = options_cls(**values)
+    for key, hint in hints.items():  # Literal fields set from Python get the same check
+        if typing.get_origin(hint) is typing.Literal and getattr(options, key) not in typing.get_args(hint):
+            raise OptionError(f"option {key}={getattr(options, key)!r}: choose one of "
+                              f"{', '.join(map(str, typing.get_args(hint)))}")
+    return options
+
+
+def create_method(name: str, backbone, *, options=(), image_size: int | None = None, **overrides) -> Method:
+    """Instantiate a registered method on a backbone with options from `KEY=VALUE` strings."""
+    cls = method_class(name)
+    return cls(backbone, parse_options(cls.Options, options, **overrides), image_size=image_size)

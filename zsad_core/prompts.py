@@ -1,0 +1,31 @@
+"""Prompt vocabularies of the papers: state words and templates, combined state-major.
+
+`{}` in a state is the object word; `{}` in a template is the state phrase.
+"""
+from __future__ import annotations
+
+# WinCLIP's compositional prompt ensemble (CPE), as anomalib lists it. The template
+# "a jpeg corrupted photo of the {}." appears twice in that list, so it weighs double.
+WINCLIP_NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
+                         "{} without defect", "{} without damage"]
+WINCLIP_ANOMALOUS_STATES = ["damaged {}", "{} with flaw", "{} with defect", "{} with damage"]
+WINCLIP_TEMPLATES = [
+    "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of the {}.", "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.",
+    "a blurry photo of a {}.", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
+    "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
+    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
+]
+
+
+def ensemble(states, templates, object_word: str) -> list[str]:
+    """All `template.format(state.format(object))`, state-major (the order every official code uses)."""
+    return [t.format(s.format(object_word)) for s in states for t in templates]
+
+
+def winclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
+    """(normal, anomalous) CPE prompts: 7 x 21 = 147 and 4 x 21 = 84."""
+    return (ensemble(WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, object_word),
+            ensemble(WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, object_word))

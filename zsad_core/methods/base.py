@@ -96,9 +96,46 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | Path) -> None:
-        """Load learnable parameters: the official format of the method or zsad's own."""
-        raise CheckpointError(f"{path}: method {self.name!r} has no learnable parameters, so it takes no "
-                              "checkpoint; drop --checkpoint")
+        """Load learnable parameters from zsad's own checkpoint (.safetensors) or the method's
+        official format (anything else; a file, or a folder where the official test loads several)."""
+        path = Path(path)
+        if not self.stages:
+            raise CheckpointError(f"{path}: method {self.name!r} has no learnable parameters, so it takes no "
+                                  "checkpoint; drop --checkpoint")
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint file or folder")
+        if path.suffix == ".safetensors":
+            self.load_zsad_checkpoint(path)
+        else:
+            self.load_official(path)
+
+    def load_official(self, path: Path) -> None:
+        raise CheckpointError(f"{path}: method {self.name!r} reads only zsad .safetensors checkpoints")
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
+        """zsad's own format: the learnable tensors in safetensors, the method config as JSON metadata."""
+        from safetensors.torch import save
+
+        from ..provenance import write_bytes_atomic
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.learnable_state().items()}
+        meta = {"zsad_method": self.name, "config": json.dumps({**self.config(), **(extra or {})}, default=str)}
+        write_bytes_atomic(path, save(tensors, metadata=meta))
+
+    def load_zsad_checkpoint(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+        owner = meta.get("zsad_method")
+        if owner != self.name:
+            raise CheckpointError(f"{path}: checkpoint of method {owner!r}, not {self.name!r}; pass a "
+                                  f"{self.name} checkpoint or use --method {owner}")
+        self.load_learnable_state(state)
 
     def set_draws(self, path: str | Path) -> None:
         """Inject recorded random draws (methods that sample override this)."""
@@ -199,3 +236,18 @@ def create_method(name: str, backbone, *, options=(), image_size: int | None = N
     """Instantiate a registered method on a backbone with options from `KEY=VALUE` strings."""
     cls = method_class(name)
     return cls(backbone, parse_options(cls.Options, options, **overrides), image_size=image_size)
+
+
+def read_official_checkpoint(path: str | Path, key: str, method: str) -> dict[str, torch.Tensor]:
+    """torch.load an official checkpoint (on CPU, weights only) and return `ckpt[key]`, with errors
+    that say which method the file does not belong to."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}); pass the "
+                              f"official {method} .pth file or a zsad .safetensors checkpoint") from None
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        found = ", ".join(list(ckpt)[:5]) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not an official {method} checkpoint (expected key {key!r}, found "
+                              f"{found}); pass the file the official {method} code saved")
+    return ckpt[key]

@@ -29,3 +29,29 @@ def winclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
     """(normal, anomalous) CPE prompts: 7 x 21 = 147 and 4 x 21 = 84."""
     return (ensemble(WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, object_word),
             ensemble(WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, object_word))
+
+
+# APRIL-GAN's prompt ensemble: 7 normal and 5 abnormal states x 35 templates (245 / 175 prompts).
+# The class name goes in raw (MVTec's "metal_nut" keeps its underscore).
+APRILGAN_NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
+                          "{} without defect", "{} without damage"]
+APRILGAN_ABNORMAL_STATES = ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
+APRILGAN_TEMPLATES = [
+    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.",
+    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
+    "a bright photo of the {}.", "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a photo of one {}.",
+    "a close-up photo of the {}.", "a photo of a {}.", "a low resolution photo of a {}.",
+    "a photo of a large {}.", "a blurry photo of a {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "a dark photo of a {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "there is a {} in the scene.", "there is the {} in the scene.",
+    "this is a {} in the scene.", "this is the {} in the scene.", "this is one {} in the scene.",
+]
+
+
+def aprilgan_prompts(object_word: str) -> tuple[list[str], list[str]]:
+    """(normal, abnormal) APRIL-GAN prompts: 7 x 35 = 245 and 5 x 35 = 175."""
+    return (ensemble(APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, object_word),
+            ensemble(APRILGAN_ABNORMAL_STATES, APRILGAN_TEMPLATES, object_word))

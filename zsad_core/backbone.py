@@ -292,15 +292,26 @@ class Backbone(nn.Module):
         return self._pos_cache[key]
 
     # ------------------------------------------------------------------ vision
-    def embed_image(self, images: torch.Tensor, interpolation: str = "bicubic") -> torch.Tensor:
-        """conv1 patches + class token + positional embedding, then ln_pre: [B, 1+N, W]."""
+    def embed_image(self, images: torch.Tensor, interpolation: str = "bicubic", *,
+                    ln_pre: bool = True) -> torch.Tensor:
+        """conv1 patches + class token + positional embedding, then ln_pre: [B, 1+N, W].
+
+        ln_pre=False returns the embedded tokens before ln_pre (WinCLIP gathers windows from them).
+        """
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, interpolation).to(x.dtype)
-        return v.ln_pre(x)
+        return v.ln_pre(x) if ln_pre else x
+
+    def run_vision_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """All vision blocks on any batch-first token sequence x [B, T, W] that went through ln_pre
+        (e.g. WinCLIP's windows, one sequence per window: B = images x windows)."""
+        for block in self.visual.transformer.resblocks:
+            x = block(x)
+        return x
 
     def encode_image_layers(self, images: torch.Tensor, layers=(), *, interpolation: str = "bicubic",
                             dpam: str | None = None, dpam_start: int = 6, ln_post: bool = False,

@@ -44,7 +44,7 @@ class Linear(Method):
 
 def dataset(n=10):
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.rand(3, 8, 8, generator=g), "mask": torch.zeros(8, 8), "label": i % 2,
+    return [{"image": torch.rand(3, 8, 8, generator=g), "mask": torch.zeros(8, 8), "label": i % 2, "category": "thing", "defect_type": "good", "path": "",
              "class_name": "thing"} for i in range(n)]
 
 

@@ -23,18 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .data.loader import collate_batch
 from .errors import ZsadError
 from .provenance import provenance, write_bytes_atomic, write_json_atomic
 
 STATE_FILE = "trainer_state.pt"
-
-
-def collate(items: list[dict]) -> dict:
-    """Dataset items -> the batch dict every method's training_loss takes."""
-    return {"images": torch.stack([it["image"] for it in items]),
-            "masks": torch.stack([it["mask"].float() for it in items]),
-            "labels": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
-            "class_names": [it["class_name"] for it in items]}
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +98,7 @@ def train(method, dataset, out_dir, *, epochs: int | None = None, batch_size: in
         method.train()
         for epoch in range(start_epoch, n_epochs):
             shuffle = torch.Generator().manual_seed(stage_seed * 100003 + epoch)
-            loader = DataLoader(dataset, batch_size=bs, shuffle=True, generator=shuffle, collate_fn=collate)
+            loader = DataLoader(dataset, batch_size=bs, shuffle=True, generator=shuffle, collate_fn=collate_batch)
             sums, count, start = {}, 0, time.time()
             bar = tqdm(loader, total=steps_per_epoch, desc=f"{method.name} {stage} {epoch + 1}/{n_epochs}",
                        disable=not progress, leave=False)

@@ -168,8 +168,11 @@ class Method(nn.Module):
             raise CheckpointError(f"checkpoint lacks {sorted(missing)[:5]}; was it saved by method {self.name!r}?")
         self.load_state_dict(state, strict=False)
 
+    official_checkpoint_name: ClassVar[str] = "official.pth"  # file (or folder) name zsad train exports to
+
     def export_official(self, path: str | Path) -> None:
-        """Write the learnable parameters in the official checkpoint format."""
+        """Write the learnable parameters in the official checkpoint format (a file, or a folder for
+        methods whose official test loads several files)."""
         raise NotImplementedError(f"method {self.name!r} has no official checkpoint format")
 
     # ------------------------------------------------------------------ description

@@ -23,3 +23,12 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     """Binary Dice loss `1 - mean_b (2 sum p t + s) / (sum p + sum t + s)`, per image then averaged."""
     p, t = pred.reshape(pred.shape[0], -1), target.reshape(target.shape[0], -1).to(pred.dtype)
     return 1 - ((2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def segmentation_loss_terms(probs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The local loss of AnomalyCLIP (and FAPrompt) on a [B, 2, H, W] probability map (channel 0
+    normal, 1 anomalous) against a {0, 1} mask [B, H, W]: focal on both channels, Dice of the
+    anomalous channel against the mask and of the normal channel against its complement."""
+    mask = mask.to(probs.dtype)
+    return {"focal": focal_loss(probs, mask), "dice_abnormal": dice_loss(probs[:, 1], mask),
+            "dice_normal": dice_loss(probs[:, 0], 1 - mask)}

@@ -110,11 +110,18 @@ def bad_files(tmp: Path) -> list[tuple[Path, str]]:
     return cases
 
 
-def test_bad_files_are_one_clear_line(tmp_path):
+def test_bad_files_are_one_clear_line(tmp_path, capsys):
     for path, expected in bad_files(tmp_path):
-        code, lines = run_cli("metrics", str(path), "--out", str(tmp_path / "o.json"))
-        assert code != 0, path
+        assert main(["metrics", str(path), "--out", str(tmp_path / "o.json")]) == 2, path
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and path.name in lines[0], (path.name, lines)
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_bad_file_exit_status_of_the_real_command(tmp_path):
+    path, expected = bad_files(tmp_path)[0]
+    code, lines = run_cli("metrics", str(path))
+    assert code != 0 and len(lines) == 1 and expected in lines[0]
 
 
 def test_bench_command_writes_json_with_machine_and_provenance(tmp_path, monkeypatch):

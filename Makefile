@@ -1,6 +1,7 @@
 # One command for the main job, one for the tests; each sets up the local virtual environment.
 #   make reproduce   -> runs every registered notebook in the smoke profile into results/smoke/
 #   make test        -> unit + golden tests and nbval on the notebooks
+#   make bench       -> speed benchmarks into results/bench/*.json
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,6 +22,9 @@ test: $(STAMP)
 
 reproduce: $(STAMP)
 	$(BIN)/zsad reproduce --profile smoke
+
+bench: $(STAMP)
+	$(BIN)/zsad bench
 
 reproduce-paper: $(STAMP)
 	$(BIN)/zsad reproduce --profile paper --data-root $(DATA_ROOT)

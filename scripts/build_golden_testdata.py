@@ -12,6 +12,8 @@ Rules (the same for every method, so no golden tensor is silently dropped):
   AnomalyCLIP/FAPrompt format) are saved with one shared storage: torch.load returns the same keys
   and values, at a fraction of the size.
 The tiny CLIP weights are not copied: they are rebuilt from the recipe (zsad_core.tiny_clip).
+The metric goldens (`metrics`, selectable like a method) are small: the case files and the JSON
+records the tests and notebooks/01_metrics.ipynb read are copied unchanged.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "golden_data"
 METHODS = ["clip_zeroshot", "anomalyclip", "aprilgan", "winclip", "aaclip", "faprompt", "bayespfl"]
+METRICS_FILES = ["README.md", "canonical_values.json", "values.json", "aggregate_example.json",
+                 "aupro_attribution.json", "cases_index.json", "timing_aupro.json", "meta.json"]
 HASH_ONLY = {"images", "masks", "input.image", "input.gt_mask", "image_resized_u8", "mask_u8", "mask_loss"}
 
 
@@ -77,10 +81,18 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def copy_metrics(src: Path, dst: Path) -> None:
+    (dst / "cases").mkdir(parents=True, exist_ok=True)
+    for f in sorted((src / "cases").glob("*.npz")):
+        shutil.copyfile(f, dst / "cases" / f.name)
+    for name in METRICS_FILES:
+        shutil.copyfile(src / name, dst / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--goldens", default=str(ROOT.parent / "shared" / "goldens"))
-    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--methods", nargs="*", default=METHODS + ["metrics"])
     args = parser.parse_args()
     src = Path(args.goldens)
     (OUT / "inputs").mkdir(parents=True, exist_ok=True)
@@ -89,8 +101,10 @@ def main() -> None:
     (OUT / "clip_tiny").mkdir(exist_ok=True)
     for name in ("tensor_sha256.json", "open_clip_config.json"):
         shutil.copyfile(src / "clip_tiny" / name, OUT / "clip_tiny" / name)
+    if "metrics" in args.methods and (src / "metrics").is_dir():
+        copy_metrics(src / "metrics", OUT / "metrics")
     for method in args.methods:
-        if not (src / method).is_dir():
+        if method == "metrics" or not (src / method).is_dir():
             continue
         dst = OUT / method
         dst.mkdir(exist_ok=True)

@@ -110,7 +110,7 @@ def train(method, dataset, out_dir, *, epochs: int | None = None, batch_size: in
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 optimizer.step()
-                if scheduler is not None:
+                if scheduler is not None and recipe.get("scheduler_interval", "step") == "step":
                     scheduler.step()
                 values = {k: float(v.detach()) for k, v in losses.items()}
                 for k, v in values.items():
@@ -119,6 +119,8 @@ def train(method, dataset, out_dir, *, epochs: int | None = None, batch_size: in
                 bar.set_postfix(loss=f"{values['total']:.4f}")
                 with open(out / "losses.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage, "epoch": epoch + 1, "step": step + 1, **values}) + "\n")
+            if scheduler is not None and recipe.get("scheduler_interval") == "epoch":
+                scheduler.step()
             means = {k: v / max(count, 1) for k, v in sums.items()}
             history.append({"stage": stage, "epoch": epoch + 1, "steps": count,
                             "seconds": round(time.time() - start, 2), **means})

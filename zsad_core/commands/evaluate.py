@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--legacy", action="store_true", help="also compute the legacy 200-threshold AUPRO")
+    p.add_argument("--seed", type=int, default=0, help="seed for any random initialisation/sampling (default 0)")
     p.add_argument("--save-maps", action="store_true", help="also store the anomaly maps per category")
     p.set_defaults(run=run)
 
@@ -47,6 +48,9 @@ def run(args) -> int:
     method_class(args.method)
     root = dataset_root(args.dataset, args.root)
     backbone = load_backbone(args.backbone, device=args.device)
+    import torch
+
+    torch.manual_seed(args.seed)  # methods with untrained random parts are reproducible too
     method = create_method(args.method, backbone, options=args.options, image_size=args.image_size)
     checkpoint_fp = None
     if args.checkpoint:
@@ -57,7 +61,7 @@ def run(args) -> int:
     method.to(args.device)
     out = Path(args.out) if args.out else REPO_ROOT / "results" / "evaluate" / f"{args.method}__{args.dataset}"
     config = {"dataset": args.dataset, "backbone_fingerprint": backbone.fingerprint, "checkpoint": checkpoint_fp,
-              "seed": None, "command": "evaluate"}
+              "seed": args.seed, "command": "evaluate"}
     result = evaluate(method, root, manifest_for(args.dataset, root), out, categories=args.categories,
                       batch_size=args.batch_size, device=args.device, legacy=args.legacy, save_maps=args.save_maps,
                       config=config)

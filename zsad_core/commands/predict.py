@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", help="recorded random draws (.safetensors) for methods that sample")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for any random initialisation/sampling (default 0)")
     p.add_argument("--list-options", action="store_true", help="print the method's options and exit")
     p.add_argument("--out", help="OUT.safetensors or an output folder")
     p.add_argument("images", nargs="*", metavar="IMAGE")
@@ -77,6 +78,9 @@ def run(args) -> int:
     from ..provenance import provenance, sha256_file
 
     backbone = load_backbone(args.backbone, device=args.device)
+    import torch
+
+    torch.manual_seed(args.seed)  # methods with untrained random parts are reproducible too
     method = create_method(args.method, backbone, options=args.options, image_size=args.image_size)
     if args.checkpoint:
         method.load_checkpoint(args.checkpoint)
@@ -94,7 +98,8 @@ def run(args) -> int:
                                             if f.is_file()})
     if args.draws:
         fingerprints["draws"] = sha256_file(args.draws)
-    record = provenance({**method.config(), "class_name": args.class_name, "command": "predict"}, **fingerprints)
+    record = provenance({**method.config(), "class_name": args.class_name, "seed": args.seed, "command": "predict"},
+                        **fingerprints)
     write_prediction(Path(args.out), prediction, args.images, images, record)
     print(f"wrote {args.out} ({len(args.images)} images, method {args.method})")
     return 0

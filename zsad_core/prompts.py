@@ -29,3 +29,14 @@ def winclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
     """(normal, anomalous) CPE prompts: 7 x 21 = 147 and 4 x 21 = 84."""
     return (ensemble(WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, object_word),
             ensemble(WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, object_word))
+
+# AA-CLIP's anchor ensemble (dataset/constants.py PROMPTS): 3 normal + 5 abnormal states x 2 templates.
+AACLIP_NORMAL_STATES = ["{}", "a {}", "the {}"]
+AACLIP_ABNORMAL_STATES = ["a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage"]
+AACLIP_TEMPLATES = ["{}.", "a photo of {}."]
+
+
+def aaclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
+    """(normal, abnormal) AA-CLIP prompts: 3 x 2 = 6 and 5 x 2 = 10."""
+    return (ensemble(AACLIP_NORMAL_STATES, AACLIP_TEMPLATES, object_word),
+            ensemble(AACLIP_ABNORMAL_STATES, AACLIP_TEMPLATES, object_word))

@@ -83,7 +83,8 @@ def official_state(part, stage, name):
 @pytest.mark.parametrize("state", ["clip", "init", "stage1"])
 def test_text_states(tiny, state):
     ref = golden("aaclip", "model_and_text.safetensors")
-    method = aaclip(tiny, text={"clip": None, "init": "init/text_adapter.pth", "stage1": "stage1/text_adapter.pth"}[state])
+    text = {"clip": None, "init": "init/text_adapter.pth", "stage1": "stage1/text_adapter.pth"}[state]
+    method = aaclip(tiny, text)
     adapted = state != "clip"
     with torch.no_grad():
         prompts, per_prompt = zip(*[method.prompt_embeddings(c, adapted) for c in CLASSES])
@@ -260,7 +261,8 @@ def check_inference(state, method, features, full_map=False):
     check(features.det_feature, ref[p + "det_feature"], UNIT, p + "det_feature")
     check(subset(features.residual), ref[p + "ln_post_in_subset"], RESIDUAL, p + "ln_post_in_subset")
     check(subset(features.seg_tokens), ref[p + "seg_tokens_subset"], UNIT, p + "seg_tokens_subset")
-    check(raw["level_maps"].transpose(0, 1), ref[p + "anomaly_map_unsmoothed_37"], MAPS, p + "anomaly_map_unsmoothed_37")
+    check(raw["level_maps"].transpose(0, 1), ref[p + "anomaly_map_unsmoothed_37"], MAPS,
+          p + "anomaly_map_unsmoothed_37")
     check(raw["level_maps_smoothed"].transpose(0, 1), ref[p + "anomaly_map_smoothed_37"], MAPS,
           p + "anomaly_map_smoothed_37")
     fused = raw["anomaly_maps"]
@@ -369,17 +371,27 @@ def test_lexicographically_last_image_adapter_wins(tiny, tmp_path):
     assert all(torch.equal(v, init[k]) for k, v in method.image_adapter.state_dict().items())
 
 
-@pytest.mark.parametrize("make,expected", [
-    (lambda d: (d / "notes.pth").write_text("not a checkpoint") and d / "notes.pth", "not a readable PyTorch checkpoint"),
-    (lambda d: torch.save({"state_dict": {}}, d / "other.pth") or d / "other.pth", "not an official AA-CLIP checkpoint"),
-    (lambda d: torch.save({"image_adapter": {"det_proj.fc.0.weight": torch.zeros(128, 128)}}, d / "r.pth") or d / "r.pth",
-     "--set relu=true"),
-    (lambda d: torch.save({"text_adapter": {f"{i}.fc.0.weight": torch.zeros(768, 768) for i in range(4)}},
-                          d / "big.pth") or d / "big.pth", "--backbone"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "no image_adapter_*.pth"),
-])
-def test_wrong_checkpoints_give_one_clear_line(tiny, tmp_path, make, expected):
-    path = make(tmp_path)
+BAD_CHECKPOINTS = {  # case: (file name, content (None: an empty folder), expected part of the message)
+    "not torch": ("notes.pth", "not a checkpoint", "not a readable PyTorch checkpoint"),
+    "other method": ("other.pth", {"state_dict": {}}, "not an official AA-CLIP checkpoint"),
+    "trained with --relu": ("relu.pth", {"image_adapter": {"det_proj.fc.0.weight": torch.zeros(128, 128)}},
+                            "--set relu=true"),
+    "other backbone": ("vit_b.pth", {"text_adapter": {f"{i}.fc.0.weight": torch.zeros(64, 64) for i in range(4)}},
+                       "--backbone"),
+    "empty folder": ("empty", None, "no image_adapter_*.pth"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_wrong_checkpoints_give_one_clear_line(tiny, tmp_path, case):
+    name, content, expected = BAD_CHECKPOINTS[case]
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        torch.save(content, path)
     with pytest.raises(CheckpointError) as err:
         aaclip(tiny).load_checkpoint(path)
     message = str(err.value)

@@ -315,7 +315,7 @@ class Backbone(nn.Module):
 
     def encode_image_layers(self, images: torch.Tensor, layers=(), *, interpolation: str = "bicubic",
                             dpam: str | None = None, dpam_start: int = 6, ln_post: bool = False,
-                            proj: bool = False, after_block=None) -> VisionOutput:
+                            proj: bool = False, after_block=None, attention=None) -> VisionOutput:
         """Run the vision tower and tap the residual stream after the given blocks (1-based).
 
         dpam: None, or the attention of the DPAM path (`vv` official AnomalyCLIP; `qq`/`kk` the
@@ -323,6 +323,8 @@ class Backbone(nn.Module):
         path o: o <- Block(o); v <- v + out_proj(softmax(x x^T / sqrt(d)) V), with q, k, V from
         ln_1(o) of the original path (no MLP on v). Taps then read v; `final` is always o.
         after_block(i, x) may return a replacement residual stream (adapters).
+        attention: {i: fn(block, h) -> [B, T, W]} replaces block i's attention output (after out_proj)
+        on h = ln_1(x); the residual and the MLP are kept (single-path DPAM, as AA-CLIP's "surgery").
         """
         if dpam is not None and dpam not in DPAM_VARIANTS:
             raise ValueError(f"unknown DPAM attention {dpam!r}; use one of {DPAM_VARIANTS} or None")
@@ -336,7 +338,11 @@ class Backbone(nn.Module):
             if dpam is not None and i >= dpam_start:
                 v = x if v is None else v
                 v = v + block.attn.out_proj(self_attention(block, block.ln_1(x), dpam))
-            x = block(x)
+            if attention is not None and i in attention:
+                x = x + block.ls_1(attention[i](block, block.ln_1(x)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            else:
+                x = block(x)
             if after_block is not None:
                 x = after_block(i, x)
             if i in layers:

@@ -33,8 +33,7 @@ def winclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
 
 # APRIL-GAN's prompt ensemble: 7 normal and 5 abnormal states x 35 templates (245 / 175 prompts).
 # The class name goes in raw (MVTec's "metal_nut" keeps its underscore).
-APRILGAN_NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw",
-                          "{} without defect", "{} without damage"]
+APRILGAN_NORMAL_STATES = WINCLIP_NORMAL_STATES  # the same seven states
 APRILGAN_ABNORMAL_STATES = ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
 APRILGAN_TEMPLATES = [
     "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
@@ -55,3 +54,15 @@ def aprilgan_prompts(object_word: str) -> tuple[list[str], list[str]]:
     """(normal, abnormal) APRIL-GAN prompts: 7 x 35 = 245 and 5 x 35 = 175."""
     return (ensemble(APRILGAN_NORMAL_STATES, APRILGAN_TEMPLATES, object_word),
             ensemble(APRILGAN_ABNORMAL_STATES, APRILGAN_TEMPLATES, object_word))
+
+
+# AA-CLIP's anchor ensemble (dataset/constants.py PROMPTS): 3 normal + 5 abnormal states x 2 templates.
+AACLIP_NORMAL_STATES = ["{}", "a {}", "the {}"]
+AACLIP_ABNORMAL_STATES = ["a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage"]
+AACLIP_TEMPLATES = ["{}.", "a photo of {}."]
+
+
+def aaclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
+    """(normal, abnormal) AA-CLIP prompts: 3 x 2 = 6 and 5 x 2 = 10."""
+    return (ensemble(AACLIP_NORMAL_STATES, AACLIP_TEMPLATES, object_word),
+            ensemble(AACLIP_ABNORMAL_STATES, AACLIP_TEMPLATES, object_word))

@@ -78,7 +78,6 @@ def run(args) -> int:
     from ..provenance import provenance, sha256_file
 
     backbone = load_backbone(args.backbone, device=args.device)
-    import torch
 
     torch.manual_seed(args.seed)  # methods with untrained random parts are reproducible too
     method = create_method(args.method, backbone, options=args.options, image_size=args.image_size)

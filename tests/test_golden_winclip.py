@@ -54,7 +54,7 @@ def method(tiny):
 def few_shot(tiny, references):
     fs = create_method("winclip", tiny)
     for cls, imgs in references.items():
-        fs.set_reference_images(imgs, cls)
+        fs.set_references(imgs, cls)
     return fs
 
 
@@ -160,7 +160,7 @@ def test_few_shot(few_shot, embeddings, ref):
 
 def test_few_shot_needs_references_for_every_class(tiny, embeddings, references):
     method = create_method("winclip", tiny)
-    method.set_reference_images(references["brick"], "brick")
+    method.set_references(references["brick"], "brick")
     with pytest.raises(OptionError, match="no reference images for class 'gravel'"):
         method.detect(embeddings, INPUT_CLASSES, 336)
 

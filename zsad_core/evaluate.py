@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import AnomalyDataset, collate_batch, load_manifest
+from .errors import ZsadError
 from .metrics import evaluate_category, macro_average
 from .provenance import provenance, sha256_json, write_bytes_atomic, write_json_atomic
 
@@ -56,17 +57,30 @@ def category_metrics(prediction, masks, labels, legacy: bool = False) -> dict[st
                              legacy=legacy)
 
 
+def set_category_references(method, root, manifest, category: str, k: int) -> None:
+    """Few-shot: the first k (sorted) train/good images of the category become the method's references."""
+    refs = AnomalyDataset(root, manifest, split="train", categories=[category], image_size=method.image_size,
+                          image_convention=method.image_convention, mask_convention=method.mask_convention)
+    if len(refs) < k:
+        raise ZsadError(f"{root}/{category}/train/good: {len(refs)} images, fewer than the {k} few-shot references")
+    images = torch.stack([refs[i]["image"] for i in range(k)])
+    method.set_references(images, refs.object_words[category])
+
+
 def evaluate(method, root, manifest, out_dir, *, categories=None, batch_size: int = 8, device: str = "cpu",
-             legacy: bool = False, save_maps: bool = False, config: dict | None = None, progress: bool = True,
-             log=print) -> dict:
-    """Evaluate `method` on the test split of the dataset at `root`; returns and writes the results."""
+             legacy: bool = False, save_maps: bool = False, few_shot: int = 0, config: dict | None = None,
+             progress: bool = True, log=print) -> dict:
+    """Evaluate `method` on the test split of the dataset at `root`; returns and writes the results.
+
+    few_shot=k > 0: before each category, its first k train/good images are given to the method as
+    normal references (WinCLIP+, APRIL-GAN few-shot)."""
     out = Path(out_dir)
     (out / "categories").mkdir(parents=True, exist_ok=True)
     manifest_dict = load_manifest(manifest) if manifest is not None else None
     probe = AnomalyDataset(root, manifest_dict, split="test", categories=categories, image_size=method.image_size,
                            image_convention=method.image_convention, mask_convention=method.mask_convention)
     wanted = probe.categories
-    run_config = {**method.config(), **(config or {}), "legacy_aupro": legacy,
+    run_config = {**method.config(), **(config or {}), "legacy_aupro": legacy, "few_shot": few_shot,
                   "manifest": (manifest_dict or {}).get("id"), "manifest_version": (manifest_dict or {}).get("version"),
                   "root": str(root)}
     fingerprint = sha256_json(run_config)
@@ -80,6 +94,8 @@ def evaluate(method, root, manifest, out_dir, *, categories=None, batch_size: in
                 log(f"{category}: done earlier, skipped")
                 continue
         start = time.time()
+        if few_shot:
+            set_category_references(method, root, manifest_dict, category, few_shot)
         dataset = AnomalyDataset(root, manifest_dict, split="test", categories=[category],
                                  image_size=method.image_size, image_convention=method.image_convention,
                                  mask_convention=method.mask_convention)

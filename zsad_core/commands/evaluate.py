@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="few-shot: the first K train/good images of each category as normal references")
     p.add_argument("--legacy", action="store_true", help="also compute the legacy 200-threshold AUPRO")
     p.add_argument("--seed", type=int, default=0, help="seed for any random initialisation/sampling (default 0)")
     p.add_argument("--save-maps", action="store_true", help="also store the anomaly maps per category")
@@ -64,6 +66,7 @@ def run(args) -> int:
               "seed": args.seed, "command": "evaluate"}
     result = evaluate(method, root, manifest_for(args.dataset, root), out, categories=args.categories,
                       batch_size=args.batch_size, device=args.device, legacy=args.legacy, save_maps=args.save_maps,
+                      few_shot=args.few_shot,
                       config=config)
     means = result["mean"]
     print("mean over categories: " + ", ".join(f"{k} {v['mean']:.4f} (n={v['n_categories']})" for k, v in means.items()))

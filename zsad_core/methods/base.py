@@ -137,6 +137,10 @@ class Method(nn.Module):
                                   f"{self.name} checkpoint or use --method {owner}")
         self.load_learnable_state(state)
 
+    def set_references(self, images: torch.Tensor, class_name: str | None = None) -> None:
+        """Few-shot: normal reference images [k,3,S,S] (preprocessed) for a class (None: any class)."""
+        raise OptionError(f"method {self.name!r} has no few-shot mode")
+
     def set_draws(self, path: str | Path) -> None:
         """Inject recorded random draws (methods that sample override this)."""
         raise OptionError(f"method {self.name!r} draws no random numbers; drop --draws")

@@ -43,7 +43,7 @@ Options (zsad predict --set KEY=VALUE):
   140 / 80 prompts).
 * `scales` (default 2,3), `temperature` (default 0.07).
 * `reference_images`: comma-separated normal images of the category for WinCLIP+; from Python,
-  `set_reference_images(tensor, class_name)`.
+  `set_references(tensor, class_name)`.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class WinCLIP(Method):
         if self.options.reference_images:
             from ..preprocess import load_images
 
-            self.set_reference_images(load_images(self.options.reference_images, self.image_size,
+            self.set_references(load_images(self.options.reference_images, self.image_size,
                                                   self.image_convention))
 
     # ------------------------------------------------------------------ text
@@ -156,7 +156,7 @@ class WinCLIP(Method):
         return bb.project_tokens(out[:, 0], ln_post=True, proj=True).reshape(b, n, -1)
 
     # ------------------------------------------------------------------ few-shot references
-    def set_reference_images(self, images: torch.Tensor | None, class_name: str | None = None) -> None:
+    def set_references(self, images: torch.Tensor | None, class_name: str | None = None) -> None:
         """Normal reference images [k, 3, S, S] (preprocessed like the test images) of `class_name`
         (None: of any class without its own) for WinCLIP+; None removes them."""
         if images is None:
@@ -204,7 +204,7 @@ class WinCLIP(Method):
             missing = [n for n in names if n not in self._references and None not in self._references]
             if missing:
                 raise OptionError(f"no reference images for class {missing[0]!r}; pass them for every class of "
-                                  "the batch (set_reference_images) or none for zero-shot WinCLIP")
+                                  "the batch (set_references) or none for zero-shot WinCLIP")
             references = {n: self.reference_embeddings(n) for n in names}
             out.update(self.few_shot(emb, class_names, references, index))
             patch_map = (patch_map + out["fs_visual_map"]) / 2

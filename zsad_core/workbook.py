@@ -1,0 +1,203 @@
+"""What the notebooks share: profile settings, datasets, train/evaluate with resume, tables beside
+the papers' numbers.
+
+    wb = Workbook(profile, results_dir, "20_anomalyclip", data_root=data_root, backbone=backbone)
+    method = wb.method("anomalyclip")
+    wb.train(method, "prompts")                       # on the profile's auxiliary domain
+    result = wb.evaluate(method, "synth_industrial_b", tag="main")
+    table = wb.table({"AnomalyCLIP": results})        # percent, one decimal
+    wb.beside_paper(table, paper="AnomalyCLIP", method="AnomalyCLIP")
+
+Every artefact goes under `<results_dir>/<notebook>/`; train/evaluate resume from what is there, so a
+re-executed notebook reuses finished work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ZsadError
+
+METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max",
+                 "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "aupro": "AUPRO",
+                 "aupro_legacy": "AUPRO (legacy)"}
+# our dataset ids -> the names the paper tables use
+PAPER_DATASET = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd_kolektorsdd": "SDD",
+                 "dagm2007": "DAGM", "dtd_synthetic": "DTD-Synthetic", "headct": "HeadCT", "brainmri": "BrainMRI",
+                 "br35h": "Br35H", "isic2016": "ISIC", "cvc_clinicdb": "CVC-ClinicDB", "cvc_colondb": "CVC-ColonDB",
+                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD"}
+# (level, metric) in the paper tables for each of our metric names
+PAPER_METRIC = {"image_auroc": ("image", "AUROC"), "image_ap": ("image", "AP"), "image_f1max": ("image", "F1-max"),
+                "pixel_auroc": ("pixel", "AUROC"), "pixel_ap": ("pixel", "AP"), "pixel_f1max": ("pixel", "F1-max"),
+                "aupro": ("pixel", "AUPRO")}
+
+
+@dataclass
+class Profile:
+    """What a profile runs: backbone, resolution, auxiliary (training) and target datasets, budget."""
+
+    name: str
+    backbone: str
+    image_size: int | None  # None: each method's official resolution
+    train_domain: str
+    test_domains: list[str]
+    epochs: int | None  # None: the official recipe
+    max_steps: int | None = None
+    batch_size: int | None = None
+    few_shot_k: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def profile_settings(profile: str, backbone: str | None = None) -> Profile:
+    if profile == "smoke":
+        # The tiny random CLIP at 224 px (grid 16) keeps every notebook at a minute or so on 2 CPU
+        # cores; the code path is the one the paper profile runs at the official resolution.
+        return Profile("smoke", backbone or "tiny", 224, "synth_industrial_a",
+                       ["synth_industrial_b", "synth_medical"], epochs=2, batch_size=8)
+    if profile == "paper":
+        return Profile("paper", backbone or "ViT-L-14-336:openai", None, "mvtec_ad",
+                       ["visa", "mpdd", "btad", "sdd_kolektorsdd", "dagm2007", "dtd_synthetic"], epochs=None,
+                       extra={"mvtec_target_train_domain": "visa"})
+    raise ZsadError(f"unknown profile {profile!r}; use smoke or paper")
+
+
+class Workbook:
+    def __init__(self, profile: str, results_dir: str | Path, notebook: str, *, data_root: str | None = None,
+                 backbone: str | None = None, device: str | None = None, log=print):
+        import torch
+
+        self.profile = profile_settings(profile, backbone)
+        self.out = Path(results_dir) / notebook
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data_root = Path(data_root) if data_root else None
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.log = log
+        self._backbone = None
+        torch.manual_seed(0)
+        if self.device == "cpu":
+            torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    # ------------------------------------------------------------------ models and data
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from .backbone import load_backbone
+
+            self._backbone = load_backbone(self.profile.backbone, device=self.device)
+        return self._backbone
+
+    def method(self, name: str, options=(), checkpoint: str | Path | None = None, seed: int = 0, **overrides):
+        """A method on the shared backbone at the profile's resolution (seeded: untrained parts are
+        reproducible)."""
+        import torch
+
+        from .methods import create_method
+
+        torch.manual_seed(seed)
+        method = create_method(name, self.backbone, options=list(options), image_size=self.profile.image_size,
+                               **overrides)
+        if checkpoint:
+            method.load_checkpoint(checkpoint)
+        return method.to(self.device)
+
+    def dataset(self, name: str) -> tuple[Path, object]:
+        """(root, manifest) of a dataset: synthetic domains are generated on first use; real ones must be
+        under data_root/<name> (the error says what is missing and how to fix it)."""
+        from .data import SYNTHETIC_DOMAINS, ensure_synthetic, known_manifests
+
+        if name in SYNTHETIC_DOMAINS:
+            root = ensure_synthetic(log=self.log)[name]
+            return root, root / "manifest.json"
+        if name not in known_manifests():
+            raise ZsadError(f"unknown dataset {name!r}")
+        if self.data_root is None:
+            raise ZsadError(f"dataset {name!r} needs data_root (zsad reproduce --profile paper --data-root DIR): "
+                            f"expected DIR/{name}/<category>/test/...")
+        root = self.data_root / name
+        if not root.is_dir():
+            raise ZsadError(f"dataset {name!r} is missing: {root} does not exist. Download it (see "
+                            f"data_manifests/{name}.json for the source), then `zsad data verify {name} --root {root}`")
+        return root, name
+
+    # ------------------------------------------------------------------ train / evaluate (resumable)
+    def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None, **kw) -> dict:
+        """Train on the profile's auxiliary domain (test split, categories pooled) into
+        <out>/train/<method>[-tag]; resumes / reuses finished epochs."""
+        from .data import auxiliary_training_set
+        from .train import train
+
+        name = dataset or self.profile.train_domain
+        root, manifest = self.dataset(name)
+        data = auxiliary_training_set(root, manifest, image_size=method.image_size,
+                                      image_convention=method.image_convention, mask_convention=method.mask_convention)
+        out = self.out / "train" / (method.name + (f"-{tag}" if tag else ""))
+        return train(method, data, out, epochs=epochs or self.profile.epochs, batch_size=self.profile.batch_size,
+                     max_steps=self.profile.max_steps, device=self.device, config={"dataset": name, "tag": tag},
+                     log=lambda *_: None, **kw)
+
+    def evaluate(self, method, dataset: str, tag: str = "", legacy: bool = True, few_shot: int = 0, **kw) -> dict:
+        """Canonical metrics of `method` on a dataset's test split, per category and mean, into
+        <out>/eval/<method>[-tag]/<dataset>; finished categories are reused."""
+        from .evaluate import evaluate
+
+        root, manifest = self.dataset(dataset)
+        out = self.out / "eval" / (method.name + (f"-{tag}" if tag else "")) / dataset
+        return evaluate(method, root, manifest, out, device=self.device, legacy=legacy, few_shot=few_shot,
+                        config={"dataset": dataset, "tag": tag, "backbone_fingerprint": self.backbone.fingerprint},
+                        log=lambda *_: None, **kw)
+
+    # ------------------------------------------------------------------ tables
+    @staticmethod
+    def table(results: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro")):
+        """{row label: {dataset: evaluate() result}} -> DataFrame of means in percent (1 decimal),
+        columns (dataset, metric)."""
+        import pandas as pd
+
+        rows = {}
+        for label, per_dataset in results.items():
+            rows[label] = {(ds, METRIC_LABELS[m]): 100 * r["mean"][m]["mean"]
+                           for ds, r in per_dataset.items() for m in metrics if m in r["mean"]}
+        return pd.DataFrame(rows).T.round(1)
+
+    @staticmethod
+    def beside_paper(ours: dict, paper_rows: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro")):
+        """Our means beside the papers' numbers, with the trust mark of each paper number.
+
+        ours: {(method label, dataset label): evaluate() result}; paper_rows: {method label: dict of
+        paper_numbers filters (paper=, method=, table=...)} and the dataset to read them for under key
+        'dataset' (a paper dataset name like 'MVTec AD'). Returns a long DataFrame."""
+        import pandas as pd
+
+        from .paper_tables import paper_numbers
+
+        records = []
+        for (label, dataset), result in ours.items():
+            filters = dict(paper_rows.get(label, {}))
+            paper_dataset = filters.pop("dataset", None)
+            reported = paper_numbers(**filters, dataset=paper_dataset) if paper_dataset and filters else None
+            for m in metrics:
+                level, metric = PAPER_METRIC[m]
+                value = result["mean"].get(m, {}).get("mean", float("nan"))
+                row = {"method": label, "our data": dataset, "metric": METRIC_LABELS[m], "ours": round(100 * value, 1)}
+                if reported is not None:
+                    hit = reported[(reported.level == level) & (reported.metric == metric)]
+                    row.update({"paper data": paper_dataset,
+                                "paper": float(hit.value.iloc[0]) if len(hit) else np.nan,
+                                "mark": hit.trust.iloc[0] if len(hit) else ""})
+                records.append(row)
+        return pd.DataFrame(records)
+
+    def save(self, frame, name: str) -> Path:
+        """Write a table as CSV under the notebook's results folder."""
+        path = self.out / f"{name}.csv"
+        frame.to_csv(path)
+        return path
+
+    def provenance(self, **extra) -> dict:
+        from .provenance import provenance, write_json_atomic
+
+        record = provenance({"profile": self.profile.__dict__, **extra}, backbone=self.backbone.fingerprint)
+        write_json_atomic(self.out / "provenance.json", record)
+        return record

@@ -29,3 +29,15 @@ def winclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
     """(normal, anomalous) CPE prompts: 7 x 21 = 147 and 4 x 21 = 84."""
     return (ensemble(WINCLIP_NORMAL_STATES, WINCLIP_TEMPLATES, object_word),
             ensemble(WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, object_word))
+
+
+# Bayes-PFL: the sentence "X <name>", lower-cased, whose word "X" is replaced by the learnable
+# prompt; VisA folder names are spelled out first.
+BAYESPFL_NAMES = {"macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board",
+                  "pcb2": "printed circuit board", "pcb3": "printed circuit board",
+                  "pcb4": "printed circuit board", "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum",
+                  "metal_nut": "metal nut"}
+
+
+def bayespfl_sentence(class_name: str) -> str:
+    return "X " + BAYESPFL_NAMES.get(class_name, class_name).lower()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .errors import ZsadError
 
@@ -375,13 +376,15 @@ class Backbone(nn.Module):
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, *, deep_prompts=None,
                                deep_prompts_fp16: bool = True, after_block=None,
-                               projection: bool = True) -> torch.Tensor:
+                               projection: bool = True, checkpoint_blocks: bool = False) -> torch.Tensor:
         """The text transformer on prompt embeddings x [N, L, D] (before the positional embedding).
 
         deep_prompts: a sequence of [n, D] tensors; before block i (0-based, i = 1..len) rows 1..n of
         every sequence are overwritten by deep_prompts[i-1] (AnomalyCLIP/FAPrompt). Their official
         code casts these to float16 first; `deep_prompts_fp16` reproduces that rounding.
         eot_index [N]: the row read after ln_final. projection: apply text_projection.
+        checkpoint_blocks: recompute each block in the backward pass instead of storing its
+        activations (training memory; same values and gradients).
         """
         m = self.model
         x = x + m.positional_embedding.to(x.dtype)
@@ -394,7 +397,10 @@ class Backbone(nn.Module):
                 if deep_prompts_fp16:  # cast after the expand, as officially: each prompt's grad is rounded alone
                     prompt = prompt.half()
                 x = torch.cat([x[:, :1], prompt.to(x.dtype), x[:, 1 + n:]], dim=1)
-            x = block(x, attn_mask=mask)
+            if checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask=mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
             if after_block is not None:
                 x = after_block(i + 1, x)
         x = m.ln_final(x)

@@ -32,3 +32,30 @@ def segmentation_loss_terms(probs: torch.Tensor, mask: torch.Tensor) -> dict[str
     mask = mask.to(probs.dtype)
     return {"focal": focal_loss(probs, mask), "dice_abnormal": dice_loss(probs[:, 1], mask),
             "dice_normal": dice_loss(probs[:, 0], 1 - mask)}
+
+
+def focal_loss_fg_bg(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+    """Bayes-PFL's focal loss: probs [B, 2, H, W] (softmaxed), target [B, H, W] in {0, 1}.
+
+    pt = probs of the target class; loss = -(1 - pt)^gamma log(pt + eps), averaged separately over
+    the foreground and the background pixels of the whole batch (sum / (count + eps)), then added.
+    """
+    fg = (target > 0).to(probs.dtype)
+    pt = torch.where(target > 0, probs[:, 1], probs[:, 0])
+    loss = -(1 - pt) ** gamma * torch.log(pt + eps)
+    return (loss * fg).sum() / (fg.sum() + eps) + (loss * (1 - fg)).sum() / ((1 - fg).sum() + eps)
+
+
+def dice_loss_batch(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """One Dice over the whole batch (Bayes-PFL, foreground only): 1 - (2 sum p t + eps) / (sum p + sum t + eps)."""
+    target = target.to(pred.dtype)
+    return 1 - (2 * (pred * target).sum() + eps) / (pred.sum() + target.sum() + eps)
+
+
+def orthogonality_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    """mean_{b,i,j} cos(e_bi, e_bj)^2 (1 - [i == j]) over embeddings [B, L, C]; the zeroed diagonal
+    still counts in the mean (Bayes-PFL's prompt-bank diversity term)."""
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+    cos = unit @ unit.transpose(-1, -2)
+    eye = torch.eye(cos.shape[-1], device=cos.device, dtype=cos.dtype)
+    return (cos ** 2 * (1 - eye)).mean()

@@ -66,3 +66,15 @@ def aaclip_prompts(object_word: str) -> tuple[list[str], list[str]]:
     """(normal, abnormal) AA-CLIP prompts: 3 x 2 = 6 and 5 x 2 = 10."""
     return (ensemble(AACLIP_NORMAL_STATES, AACLIP_TEMPLATES, object_word),
             ensemble(AACLIP_ABNORMAL_STATES, AACLIP_TEMPLATES, object_word))
+
+
+# Bayes-PFL: the sentence "X <name>", lower-cased, whose word "X" is replaced by the learnable
+# prompt; VisA folder names are spelled out first.
+BAYESPFL_NAMES = {"macaroni1": "macaroni", "macaroni2": "macaroni", "pcb1": "printed circuit board",
+                  "pcb2": "printed circuit board", "pcb3": "printed circuit board",
+                  "pcb4": "printed circuit board", "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum",
+                  "metal_nut": "metal nut"}
+
+
+def bayespfl_sentence(class_name: str) -> str:
+    return "X " + BAYESPFL_NAMES.get(class_name, class_name).lower()

@@ -387,8 +387,9 @@ class Backbone(nn.Module):
         activations (training memory; same values and gradients).
         """
         m = self.model
-        x = x + m.positional_embedding.to(x.dtype)
-        mask = m.attn_mask.to(x.dtype) if m.attn_mask is not None else None
+        length = x.shape[1]  # may be shorter than the context: causal attention ignores what follows
+        x = x + m.positional_embedding[:length].to(x.dtype)
+        mask = m.attn_mask[:length, :length].to(x.dtype) if m.attn_mask is not None else None
         n_deep = len(deep_prompts) if deep_prompts is not None else 0
         for i, block in enumerate(m.transformer.resblocks):
             if 1 <= i <= n_deep:
@@ -414,8 +415,12 @@ class Backbone(nn.Module):
         if cache and key in self._text_cache:
             return self._text_cache[key]
         ids = self.tokenize(texts)
+        eot = ids.argmax(dim=-1)
+        # Causal attention: rows up to the last EOT never see the padding after it, so the padding is
+        # cut (about 5x less work for short prompts; the same EOT features up to float rounding).
+        length = int(eot.max()) + 1
         with torch.no_grad():
-            feats = self.encode_text_embeddings(self.token_embeddings(ids), ids.argmax(dim=-1))
+            feats = self.encode_text_embeddings(self.token_embeddings(ids[:, :length]), eot)
         if cache:
             self._text_cache[key] = feats
         return feats

@@ -29,3 +29,28 @@ def heat_overlay(image: torch.Tensor, anomaly_map: torch.Tensor, vmin: float, vm
     scaled = np.clip((m - vmin) / (vmax - vmin), 0, 1) if vmax > vmin else np.zeros_like(m)
     heat = (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.float32)
     return Image.fromarray((alpha * heat + (1 - alpha) * rgb).round().astype(np.uint8))
+
+
+def map_grid(images: torch.Tensor, masks: torch.Tensor, columns: dict, row_titles=None, size: float = 2.0):
+    """A figure: one row per image (input, ground truth, then one heat-map overlay per entry of
+    `columns` {title: maps [N,S,S]}), each map column on its own colour scale."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(n, 2 + len(columns), figsize=(size * (2 + len(columns)), size * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(denormalize(images[i]))
+        axes[i, 1].imshow(masks[i].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        for j, (title, maps) in enumerate(columns.items(), start=2):
+            axes[i, j].imshow(heat_overlay(images[i], maps[i], float(maps.min()), float(maps.max())))
+            if i == 0:
+                axes[i, j].set_title(title, fontsize=9)
+        if row_titles:
+            axes[i, 0].set_ylabel(row_titles[i], fontsize=8)
+    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 1].set_title("ground truth", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig

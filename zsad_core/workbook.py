@@ -52,9 +52,9 @@ class Profile:
 
 def profile_settings(profile: str, backbone: str | None = None) -> Profile:
     if profile == "smoke":
-        # The tiny random CLIP at 224 px (grid 16) keeps every notebook at a minute or so on 2 CPU
+        # The tiny random CLIP at 112 px (grid 8) keeps every notebook at a minute or so on 2 CPU
         # cores; the code path is the one the paper profile runs at the official resolution.
-        return Profile("smoke", backbone or "tiny", 224, "synth_industrial_a",
+        return Profile("smoke", backbone or "tiny", 112, "synth_industrial_a",
                        ["synth_industrial_b", "synth_medical"], epochs=2, batch_size=8)
     if profile == "paper":
         return Profile("paper", backbone or "ViT-L-14-336:openai", None, "mvtec_ad",
@@ -76,8 +76,10 @@ class Workbook:
         self.log = log
         self._backbone = None
         torch.manual_seed(0)
-        if self.device == "cpu":
-            torch.set_num_threads(min(2, torch.get_num_threads()))
+        if self.device == "cpu" and self.profile.name == "smoke":
+            # tiny tensors: one thread is fastest, and on a shared CPU OpenMP threads waiting on each
+            # other make small ops 5-20x slower
+            torch.set_num_threads(1)
 
     # ------------------------------------------------------------------ models and data
     @property
@@ -133,6 +135,7 @@ class Workbook:
         data = auxiliary_training_set(root, manifest, image_size=method.image_size,
                                       image_convention=method.image_convention, mask_convention=method.mask_convention)
         out = self.out / "train" / (method.name + (f"-{tag}" if tag else ""))
+        kw.setdefault("progress", self.profile.name != "smoke")
         return train(method, data, out, epochs=epochs or self.profile.epochs, batch_size=self.profile.batch_size,
                      max_steps=self.profile.max_steps, device=self.device, config={"dataset": name, "tag": tag},
                      log=lambda *_: None, **kw)
@@ -142,11 +145,41 @@ class Workbook:
         <out>/eval/<method>[-tag]/<dataset>; finished categories are reused."""
         from .evaluate import evaluate
 
+        kw.setdefault("progress", self.profile.name != "smoke")
         root, manifest = self.dataset(dataset)
         out = self.out / "eval" / (method.name + (f"-{tag}" if tag else "")) / dataset
         return evaluate(method, root, manifest, out, device=self.device, legacy=legacy, few_shot=few_shot,
                         config={"dataset": dataset, "tag": tag, "backbone_fingerprint": self.backbone.fingerprint},
                         log=lambda *_: None, **kw)
+
+    def examples(self, method, dataset: str, per_category: int = 1) -> dict:
+        """The first `per_category` anomalous test images of each category, preprocessed for `method`:
+        {"images", "masks", "class_names", "titles"} (for qualitative figures)."""
+        import torch
+
+        from .data import AnomalyDataset
+
+        root, manifest = self.dataset(dataset)
+        data = AnomalyDataset(root, manifest, split="test", image_size=method.image_size,
+                              image_convention=method.image_convention, mask_convention=method.mask_convention)
+        picked, seen = [], {}
+        for i, s in enumerate(data.samples):
+            if s.label and seen.get(s.category, 0) < per_category:
+                seen[s.category] = seen.get(s.category, 0) + 1
+                picked.append(i)
+        items = [data[i] for i in picked]
+        return {"images": torch.stack([it["image"] for it in items]), "masks": torch.stack([it["mask"] for it in items]),
+                "class_names": [it["class_name"] for it in items],
+                "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
+
+    def maps(self, method, examples: dict):
+        """Anomaly maps of `method` for the example images (each image with its own class name)."""
+        import torch
+
+        with torch.no_grad():
+            out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
+                   for i, c in enumerate(examples["class_names"])]
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ tables
     @staticmethod

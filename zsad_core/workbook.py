@@ -173,10 +173,14 @@ class Workbook:
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
     def maps(self, method, examples: dict):
-        """Anomaly maps of `method` for the example images (each image with its own class name)."""
+        """Anomaly maps of `method` for the example images (each image with its own class name; scores
+        that normalise over a class's images are meaningless here and their warnings are silenced)."""
+        import warnings
+
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
                    for i, c in enumerate(examples["class_names"])]
         return torch.cat(out)

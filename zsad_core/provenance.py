@@ -70,6 +70,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write via a temporary file and a rename, so an interrupted run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -133,20 +133,34 @@ class Workbook:
         return found[0].resolve() if found else None
 
     # ------------------------------------------------------------------ train / evaluate (resumable)
-    def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None, **kw) -> dict:
+    def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None,
+              subset: int | None = None, subset_seed: int = 0, **kw) -> dict:
         """Train on the profile's auxiliary domain (test split, categories pooled) into
-        <out>/train/<method>[-tag]; resumes / reuses finished epochs."""
-        from .data import auxiliary_training_set
+        <out>/train/<method>[-tag]; resumes / reuses finished epochs.
+
+        subset=k: only k images per category (seeded draw, `subset_seed`; the papers' k-shot training),
+        into <method>[-tag]-subset<k>[-seed<s>]; the drawn images are listed in its config.json."""
+        import torch
+
+        from .data import auxiliary_training_set, subset_per_category
         from .train import train
 
         name = dataset or self.profile.train_domain
         root, manifest = self.dataset(name)
         data = auxiliary_training_set(root, manifest, image_size=method.image_size,
                                       image_convention=method.image_convention, mask_convention=method.mask_convention)
-        out = self.out / "train" / (method.name + (f"-{tag}" if tag else ""))
+        folder = method.name + (f"-{tag}" if tag else "")
+        config = {"dataset": name, "tag": tag}
+        if subset is not None:
+            indices = subset_per_category(data, subset, seed=subset_seed)
+            config.update(subset_per_category=int(subset), subset_seed=int(subset_seed),
+                          subset_images=[str(data.samples[i].path.relative_to(data.root)) for i in indices])
+            data = torch.utils.data.Subset(data, indices)
+            folder += f"-subset{int(subset)}" + (f"-seed{int(subset_seed)}" if subset_seed else "")
+        out = self.out / "train" / folder
         kw.setdefault("progress", self.profile.name != "smoke")
         return train(method, data, out, epochs=epochs or self.profile.epochs, batch_size=self.profile.batch_size,
-                     max_steps=self.profile.max_steps, device=self.device, config={"dataset": name, "tag": tag},
+                     max_steps=self.profile.max_steps, device=self.device, config=config,
                      log=lambda *_: None, **kw)
 
     def evaluate(self, method, dataset: str, tag: str = "", legacy: bool = True, few_shot: int = 0, **kw) -> dict:

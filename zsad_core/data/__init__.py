@@ -9,10 +9,10 @@
                           split="test", image_size=224)
 """
 from .layout import DataError, Layout, Sample
-from .loader import AnomalyDataset, auxiliary_training_set, collate_batch
+from .loader import AnomalyDataset, auxiliary_training_set, collate_batch, subset_per_category
 from .manifest import ManifestError, known_manifests, load_manifest
 from .synth import DOMAINS as SYNTHETIC_DOMAINS
 from .synth import ensure_synthetic
 
-__all__ = ["AnomalyDataset", "auxiliary_training_set", "collate_batch", "ensure_synthetic", "load_manifest",
+__all__ = ["AnomalyDataset", "auxiliary_training_set", "collate_batch", "subset_per_category", "ensure_synthetic", "load_manifest",
            "known_manifests", "DataError", "ManifestError", "Layout", "Sample", "SYNTHETIC_DOMAINS"]

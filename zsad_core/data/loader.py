@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -130,6 +131,20 @@ def auxiliary_training_set(root: str | Path, manifest=None, *, image_size: int =
     (e.g. MVTec AD test, 1725 images, to train for every other target; VisA test for MVTec AD)."""
     return AnomalyDataset(root, manifest, split="test", categories=categories, image_size=image_size,
                           image_convention=image_convention, mask_convention=mask_convention)
+
+
+def subset_per_category(dataset: AnomalyDataset, k: int, seed: int = 0) -> list[int]:
+    """Indices of k images per category (all of a smaller category), drawn without replacement by one
+    seeded generator over the categories in sorted order; returned sorted. The papers' k-shot training
+    set (AA-CLIP: "`shot` samples from each category"); which images the papers drew is not published."""
+    if int(k) < 1:
+        raise DataError(f"subset of {k} images per category: use k >= 1 (or no subset for the whole set)")
+    rng = np.random.default_rng(int(seed))
+    picked: list[int] = []
+    for category, indices in sorted(dataset.category_indices().items()):
+        take = min(int(k), len(indices))
+        picked += [indices[i] for i in rng.choice(len(indices), size=take, replace=False)]
+    return sorted(picked)
 
 
 def collate_batch(items: list[dict]) -> dict:

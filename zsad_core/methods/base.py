@@ -94,6 +94,37 @@ class Method(nn.Module):
         raw = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
         return self.finalize(raw)
 
+    # ------------------------------------------------------------------ embedding-space analyses
+    # zsad_core.embeddings reads a method's spaces through the next two hooks. The defaults are plain
+    # CLIP's (where every CLIP-based method starts); a method that adapts its text or patch space
+    # overrides them to return the space its anomaly maps compare (AA-CLIP: adapted text and seg tokens).
+    def analysis_prompts(self, class_name: str) -> tuple[list[str], list[str]]:
+        """(normal, abnormal) prompt strings of the default text hook: WinCLIP's state words (7 / 4) in
+        "a photo of a {}."; methods with their own prompt ensemble may return it instead."""
+        from ..prompts import WINCLIP_ANOMALOUS_STATES, WINCLIP_NORMAL_STATES, ensemble
+
+        return (ensemble(WINCLIP_NORMAL_STATES, ["a photo of a {}."], class_name),
+                ensemble(WINCLIP_ANOMALOUS_STATES, ["a photo of a {}."], class_name))
+
+    @torch.no_grad()
+    def analysis_text_embeddings(self, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit text embeddings of a class: (normal [n, E], abnormal [m, E]). Default: plain CLIP
+        (text_projection) of `analysis_prompts`, run with this method's activation."""
+        self.backbone.set_activation(self.run_activation)
+        normal, abnormal = self.analysis_prompts(class_name)
+        features = torch.nn.functional.normalize(self.backbone.encode_text(normal + abnormal), dim=-1)
+        return features[:len(normal)], features[len(normal):]
+
+    @torch.no_grad()
+    def analysis_patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit patch embeddings [B, N, E] (row-major grid, class token dropped) of preprocessed images.
+        Default: plain CLIP's last-block tokens ln_post(z) @ proj, the space CLIP-based maps compare
+        with text."""
+        self.backbone.set_activation(self.run_activation)
+        last = self.backbone.vision_layers
+        out = self.backbone.encode_image_layers(images.to(self.backbone.device), [last], ln_post=True, proj=True)
+        return torch.nn.functional.normalize(out.tokens[last][:, 1:], dim=-1)
+
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, path: str | Path) -> None:
         """Load learnable parameters from zsad's own checkpoint (.safetensors) or the method's

@@ -165,11 +165,13 @@ class Workbook:
 
     def evaluate(self, method, dataset: str, tag: str = "", legacy: bool = True, few_shot: int = 0, **kw) -> dict:
         """Canonical metrics of `method` on a dataset's test split, per category and mean, into
-        <out>/eval/<method>[-tag]/<dataset>; finished categories are reused."""
+        <out>/eval/<method>[-tag]/<dataset>; finished categories are reused. A method that samples
+        (Bayes-PFL) starts from its seed, so a result does not depend on what ran before it."""
         from .evaluate import evaluate
 
         kw.setdefault("progress", self.profile.name != "smoke")
         root, manifest = self.dataset(dataset)
+        _fresh_sampling(method)
         out = self.out / "eval" / (method.name + (f"-{tag}" if tag else "")) / dataset
         return evaluate(method, root, manifest, out, device=self.device, legacy=legacy, few_shot=few_shot,
                         config={"dataset": dataset, "tag": tag, "backbone_fingerprint": self.backbone.fingerprint},
@@ -196,12 +198,14 @@ class Workbook:
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
     def maps(self, method, examples: dict):
-        """Anomaly maps of `method` for the example images (each image with its own class name; scores
-        that normalise over a class's images are meaningless here and their warnings are silenced)."""
+        """Anomaly maps of `method` for the example images (each image with its own class name; a
+        sampling method starts from its seed; scores that normalise over a class's images are
+        meaningless here and their warnings are silenced)."""
         import warnings
 
         import torch
 
+        _fresh_sampling(method)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
@@ -261,3 +265,11 @@ class Workbook:
         record = provenance({"profile": self.profile.__dict__, **extra}, backbone=self.backbone.fingerprint)
         write_json_atomic(self.out / "provenance.json", record)
         return record
+
+
+def _fresh_sampling(method) -> None:
+    """Methods that draw random numbers at test time (Bayes-PFL: seeded generator, cached
+    image-agnostic samples) restart from their seed, as one official test run per dataset does."""
+    reset = getattr(method, "reset_sampling", None)
+    if callable(reset):
+        reset()

@@ -436,6 +436,9 @@ class BayesPFL(Method):
         eot = ids.argmax(dim=-1)
         if int(eot.max()) > length - n:
             raise OptionError(f"class name {class_names[int(eot.argmax())]!r} is too long for {n} prompt tokens")
+        # Causal attention: the rows up to the last EOT never see the padding after it, so it is cut
+        # (the same features up to float rounding; the text tower is most of Bayes-PFL's cost).
+        length = int(eot.max()) + n
         lead = learned.shape[:4]
         sequences = torch.cat([words[:, None, None, None, :1].expand(*lead, 1, width), learned,
                                words[:, None, None, None, 2:length - n + 1].expand(*lead, length - n - 1, width)], -2)

@@ -147,7 +147,8 @@ def bench_aupro(progress, **_options) -> dict:
     return {"data": data, "results": results}
 
 
-def _method_worker(name: str, backbone: str, device: str, bf16: bool, batch_size: int, repeats: int) -> dict:
+def _method_worker(name: str, backbone: str, device: str, bf16: bool, batch_size: int, repeats: int,
+                   threads: int | None = None) -> dict:
     """One method's inference and training-step timing (run in a fresh process, so that its peak
     memory is its own)."""
     import resource
@@ -158,6 +159,8 @@ def _method_worker(name: str, backbone: str, device: str, bf16: bool, batch_size
     from .methods import create_method
 
     torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
     bb = load_backbone(backbone, device=device)
     method = create_method(name, bb).to(device)
     size = method.image_size
@@ -205,7 +208,7 @@ def _method_worker(name: str, backbone: str, device: str, bf16: bool, batch_size
 @benchmark("methods", "per method at its official resolution: inference images/s, training-step seconds, peak "
                       "memory (GPU, or the process's peak RSS on CPU), on --backbone (tiny, or NAME:random)")
 def bench_methods(progress, backbone: str = "tiny", device: str = "cpu", bf16: bool = False, batch_size: int = 2,
-                  methods=None, repeats: int = 2, **_options) -> dict:
+                  methods=None, repeats: int = 2, threads: int | None = None, **_options) -> dict:
     import multiprocessing
 
     from .methods import METHODS, method_class
@@ -217,10 +220,10 @@ def bench_methods(progress, backbone: str = "tiny", device: str = "cpu", bf16: b
     for name in progress(names, "methods"):
         with ctx.Pool(1) as pool:
             try:
-                results[name] = pool.apply(_method_worker, (name, backbone, device, bf16, batch_size, repeats))
+                results[name] = pool.apply(_method_worker, (name, backbone, device, bf16, batch_size, repeats, threads))
             except Exception as err:  # noqa: BLE001 - one method's failure is recorded, the others still run
                 results[name] = {"error": f"{type(err).__name__}: {err}"}
-    return {"backbone": backbone, "device": device, "bf16": bf16, "methods": results}
+    return {"backbone": backbone, "device": device, "bf16": bf16, "threads": threads, "methods": results}
 
 
 def run_benchmarks(names=None, show_progress: bool = True, **options) -> dict[str, dict]:

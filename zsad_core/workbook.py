@@ -130,6 +130,15 @@ class Workbook:
                             f"data_manifests/{name}.json for the source), then `zsad data verify {name} --root {root}`")
         return root, name
 
+    def find_checkpoint(self, method_name: str) -> Path | None:
+        """The newest `last.safetensors` any notebook of this results folder trained for a method (its
+        untagged run first), or None."""
+        root = self.out.parent
+        untagged = sorted(root.glob(f"*/train/{method_name}/last.safetensors"))
+        tagged = sorted(root.glob(f"*/train/{method_name}-*/last.safetensors"), key=lambda p: p.stat().st_mtime)
+        found = untagged or tagged[::-1]
+        return found[0].resolve() if found else None
+
     # ------------------------------------------------------------------ train / evaluate (resumable)
     def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None, **kw) -> dict:
         """Train on the profile's auxiliary domain (test split, categories pooled) into
@@ -200,10 +209,14 @@ class Workbook:
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
     def maps(self, method, examples: dict):
-        """Anomaly maps of `method` for the example images (each image with its own class name)."""
+        """Anomaly maps of `method` for the example images (each image with its own class name; scores
+        that normalise over a class's images are meaningless here and their warnings are silenced)."""
+        import warnings
+
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
                    for i, c in enumerate(examples["class_names"])]
         return torch.cat(out)

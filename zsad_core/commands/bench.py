@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="methods: bf16 autocast")
     p.add_argument("--batch-size", type=int, default=2, help="methods: images per batch")
     p.add_argument("--methods", nargs="+", help="methods: only these methods")
+    p.add_argument("--threads", type=int, help="methods: torch CPU threads per method process")
     p.add_argument("--tag", default="", help="suffix of the output file names (e.g. the backbone)")
     p.set_defaults(run=run)
 
@@ -30,7 +31,8 @@ def run(args) -> int:
 
     out_dir = Path(args.out) if args.out else REPO_ROOT / "results" / "bench"
     results = run_benchmarks(args.only, show_progress=not args.no_progress, backbone=args.backbone,
-                             device=args.device, bf16=args.bf16, batch_size=args.batch_size, methods=args.methods)
+                             device=args.device, bf16=args.bf16, batch_size=args.batch_size, methods=args.methods,
+                             threads=args.threads)
     machine = machine_info()
     for name, entry in results.items():
         path = out_dir / f"{name}{'_' + args.tag if args.tag else ''}.json"

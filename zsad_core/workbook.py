@@ -34,6 +34,13 @@ PAPER_METRIC = {"image_auroc": ("image", "AUROC"), "image_ap": ("image", "AP"), 
                 "aupro": ("pixel", "AUPRO")}
 
 
+def option_tag(options) -> str:
+    """A folder-safe tag for a list of KEY=VALUE options ("default" for none)."""
+    import re
+
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "", str(o).replace("=", "")) for o in options) or "default"
+
+
 @dataclass
 class Profile:
     """What a profile runs: backbone, resolution, auxiliary (training) and target datasets, budget."""
@@ -177,6 +184,26 @@ class Workbook:
                         config={"dataset": dataset, "tag": tag, "backbone_fingerprint": self.backbone.fingerprint},
                         log=lambda *_: None, **kw)
 
+    def train_and_evaluate(self, name: str, dataset: str, options=(), *, tag: str | None = None,
+                           epochs: int | None = None, checkpoint: str | Path | None = None,
+                           train_dataset: str | None = None) -> tuple:
+        """One variant of a method (ablations, sweeps): trained on the auxiliary domain (or
+        `train_dataset`) unless a `checkpoint` gives its parameters, then evaluated on `dataset`.
+        Returns (method, evaluate() result). The tag names both result folders; by default it is
+        derived from the options (or the checkpoint's hash), so a cached run is reused only for the
+        same configuration."""
+        method = self.method(name, options=options, checkpoint=checkpoint)
+        if tag is None:
+            if checkpoint:
+                from .provenance import sha256_file
+
+                tag = (f"{option_tag(options)}-" if options else "") + f"ckpt-{sha256_file(checkpoint)[:12]}"
+            else:
+                tag = option_tag(options) + (f"-e{epochs}" if epochs else "")
+        if not checkpoint:
+            self.train(method, tag=tag, dataset=train_dataset, epochs=epochs)
+        return method, self.evaluate(method, dataset, tag=tag)
+
     def examples(self, method, dataset: str, per_category: int = 1) -> dict:
         """The first `per_category` anomalous test images of each category, preprocessed for `method`:
         {"images", "masks", "class_names", "titles"} (for qualitative figures)."""
@@ -252,6 +279,45 @@ class Workbook:
                                 "mark": hit.trust.iloc[0] if len(hit) else ""})
                 records.append(row)
         return pd.DataFrame(records)
+
+    @staticmethod
+    def beside_paper_table(ours: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro"),
+                           stand_in: dict | None = None, **filters):
+        """The paper's table, row by row, with our number beside each paper number.
+
+        Rows: the datasets of `paper_numbers(**filters)` in the paper's order, then any of ours the
+        paper does not report. ours: {our dataset id: evaluate() result}, set beside the paper's row
+        PAPER_DATASET[id]; stand_in: {domain: our dataset id} for paper rows without a dataset of their
+        own (the smoke profile's synthetic domains stand in for the paper's industrial / medical sets).
+        Columns: `our data` (where each row's numbers come from), (metric, ours | paper) in percent with
+        one decimal, and `mark`, the trust mark(s) of the row's paper numbers."""
+        import pandas as pd
+
+        from .paper_tables import paper_numbers
+
+        reported = paper_numbers(**filters)
+        by_paper_name = {PAPER_DATASET.get(ds, ds): ds for ds in ours}
+        standing_in = set((stand_in or {}).values())
+        rows = list(dict.fromkeys(reported.dataset)) + [n for n, ds in by_paper_name.items()
+                                                        if n not in set(reported.dataset) and ds not in standing_in]
+        domains = dict(zip(reported.dataset, reported.domain))
+        records = {}
+        for name in rows:
+            ds = by_paper_name.get(name) or (stand_in or {}).get(domains.get(name))
+            record, marks = {("our data", ""): ds if ds in ours else "-"}, []
+            for m in metrics:
+                level, metric = PAPER_METRIC[m]
+                hit = reported[(reported.dataset == name) & (reported.level == level) & (reported.metric == metric)]
+                value = ours[ds]["mean"].get(m, {}).get("mean", np.nan) if ds in ours else np.nan
+                record[(METRIC_LABELS[m], "ours")] = round(100 * value, 1)
+                record[(METRIC_LABELS[m], "paper")] = float(hit.value.iloc[0]) if len(hit) else np.nan
+                marks += list(hit.trust.iloc[:1])
+            record[("mark", "")] = " / ".join(dict.fromkeys(marks)) or "-"
+            records[name] = record
+        table = pd.DataFrame.from_dict(records, orient="index")
+        table.columns = pd.MultiIndex.from_tuples(table.columns)
+        table.index.name = "dataset"
+        return table
 
     def save(self, frame, name: str) -> Path:
         """Write a table as CSV under the notebook's results folder."""

@@ -230,6 +230,29 @@ class FAPrompt(Method):
         out = self.infer(images)
         return {k: out[k] for k in ("image_scores", "anomaly_maps")}
 
+    # ------------------------------------------------------------------ for reading the method
+    @torch.no_grad()
+    def path_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts of the map for figures: `static` up(S)_a and `dap` up(D)_a (abnormal channel,
+        unsmoothed, [B, S, S]; `dap` absent without the prior), `final` the anomaly map, and the patch
+        indices the prior read (`selected_index`) beside the top-M patches by S_a (`topk_index`), [B, M]."""
+        self.eval()
+        out = self.infer(images.to(self.backbone.device))
+        maps = {"static": patch_map(out["static_sim"], self.image_size)[:, 1]}
+        if self.options.prior:
+            maps.update(dap=patch_map(out["dap_sim"], self.image_size)[:, 1], selected_index=out["selected_index"],
+                        topk_index=out["topk_index"])
+        maps.update(final=out["anomaly_maps"], image_scores=out["image_scores"])
+        return {k: v.cpu() for k, v in maps.items()}
+
+    @torch.no_grad()
+    def abnormal_prompt_cosines(self) -> torch.Tensor:
+        """cos(t_a^k, t_a^m) of the K static abnormal prompt features, [K, K]; the orthogonal loss L_oc
+        is the sum of the absolute values above the diagonal."""
+        raw = self.prompt_features()[0, 1:]
+        unit = raw / raw.norm(dim=-1, keepdim=True)
+        return (unit @ unit.T).cpu()
+
     # ------------------------------------------------------------------ training
     def trainable_parameters(self, stage: str | None = None):
         # the official optimizer holds all of FAPrompt.parameters(); the dead projections get no grad

@@ -27,7 +27,8 @@ METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I
 PAPER_DATASET = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd_kolektorsdd": "SDD",
                  "dagm2007": "DAGM", "dtd_synthetic": "DTD-Synthetic", "headct": "HeadCT", "brainmri": "BrainMRI",
                  "br35h": "Br35H", "isic2016": "ISIC", "cvc_clinicdb": "CVC-ClinicDB", "cvc_colondb": "CVC-ColonDB",
-                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD"}
+                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD",
+                 "covid19_radiography": "COVID-19"}
 # (level, metric) in the paper tables for each of our metric names
 PAPER_METRIC = {"image_auroc": ("image", "AUROC"), "image_ap": ("image", "AP"), "image_f1max": ("image", "F1-max"),
                 "pixel_auroc": ("pixel", "AUROC"), "pixel_ap": ("pixel", "AP"), "pixel_f1max": ("pixel", "F1-max"),
@@ -172,10 +173,19 @@ class Workbook:
                 "class_names": [it["class_name"] for it in items],
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
-    def maps(self, method, examples: dict):
-        """Anomaly maps of `method` for the example images (each image with its own class name)."""
+    def maps(self, method, examples: dict, batched: bool = False):
+        """Anomaly maps of `method` for the example images (each image with its own class name).
+
+        batched=True: one forward over all examples, finalized together - faster, and the same maps
+        only for methods whose `finalize` does not normalise across images (e.g. AnomalyCLIP; not
+        AA-CLIP, whose maps are min-maxed per call)."""
         import torch
 
+        if batched:
+            method.eval()
+            with torch.no_grad():
+                raw = method(examples["images"].to(self.device), list(examples["class_names"]))
+            return method.finalize({k: v.cpu() for k, v in raw.items()}).anomaly_maps
         with torch.no_grad():
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
                    for i, c in enumerate(examples["class_names"])]

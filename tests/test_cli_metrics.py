@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import save_file
 
 from conftest import GOLDEN
@@ -128,7 +127,7 @@ def test_bench_command_writes_json_with_machine_and_provenance(tmp_path, monkeyp
     from zsad_core import bench
 
     monkeypatch.setitem(bench.BENCHMARKS, "tiny", bench.Benchmark(
-        "tiny", "a tiny check", lambda progress: {"steps": [i for i in progress(range(3), "tiny")]}))
+        "tiny", "a tiny check", lambda progress, **options: {"steps": [i for i in progress(range(3), "tiny")]}))
     assert main(["bench", "--only", "tiny", "--out", str(tmp_path), "--no-progress"]) == 0
     record = json.loads((tmp_path / "tiny.json").read_text())
     assert record["result"] == {"steps": [0, 1, 2]} and record["benchmark"] == "tiny"

@@ -2,6 +2,7 @@
 one is rejected with a message that names each problem."""
 import copy
 import json
+import re
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_counts_and_checksums_match_the_facts():
 def test_no_hash_without_a_source_and_no_absolute_paths():
     for name in known_manifests():
         text = (MANIFEST_DIR / f"{name}.json").read_text()
-        assert "/work/" not in text and "/tmp/" not in text and "/root/" not in text
+        assert not re.search(r"/(work|tmp|root)/", text), f"{name}: absolute machine path"
         for download in load_manifest(name)["downloads"]:
             if download["sha256"] or download["md5"]:
                 assert "anomalib" in download["hash_source"]

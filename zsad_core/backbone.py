@@ -376,21 +376,27 @@ class Backbone(nn.Module):
 
     def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor, *, deep_prompts=None,
                                deep_prompts_fp16: bool = True, after_block=None,
-                               projection: bool = True, checkpoint_blocks: bool = False) -> torch.Tensor:
+                               projection: bool = True, truncate: bool = False,
+                               checkpoint_blocks: bool = False) -> torch.Tensor:
         """The text transformer on prompt embeddings x [N, L, D] (before the positional embedding).
 
         deep_prompts: a sequence of [n, D] tensors; before block i (0-based, i = 1..len) rows 1..n of
         every sequence are overwritten by deep_prompts[i-1] (AnomalyCLIP/FAPrompt). Their official
         code casts these to float16 first; `deep_prompts_fp16` reproduces that rounding.
         eot_index [N]: the row read after ln_final. projection: apply text_projection.
+        truncate: drop the rows after the last EOT first. The attention is causal, so the EOT
+        features are the same (up to float rounding) at a fraction of the cost for short prompts.
         checkpoint_blocks: recompute each block in the backward pass instead of storing its
         activations (training memory; same values and gradients).
         """
         m = self.model
-        length = x.shape[1]  # may be shorter than the context: causal attention ignores what follows
-        x = x + m.positional_embedding[:length].to(x.dtype)
-        mask = m.attn_mask[:length, :length].to(x.dtype) if m.attn_mask is not None else None
         n_deep = len(deep_prompts) if deep_prompts is not None else 0
+        length = x.shape[1]
+        if truncate and m.attn_mask is not None:
+            rows = max([int(eot_index.max()) + 1] + [1 + p.shape[0] for p in (deep_prompts or [])])
+            length = min(length, rows)
+        x = x[:, :length] + m.positional_embedding[:length].to(x.dtype)
+        mask = m.attn_mask[:length, :length].to(x.dtype) if m.attn_mask is not None else None
         for i, block in enumerate(m.transformer.resblocks):
             if 1 <= i <= n_deep:
                 n = deep_prompts[i - 1].shape[0]
@@ -415,12 +421,8 @@ class Backbone(nn.Module):
         if cache and key in self._text_cache:
             return self._text_cache[key]
         ids = self.tokenize(texts)
-        eot = ids.argmax(dim=-1)
-        # Causal attention: rows up to the last EOT never see the padding after it, so the padding is
-        # cut (about 5x less work for short prompts; the same EOT features up to float rounding).
-        length = int(eot.max()) + 1
-        with torch.no_grad():
-            feats = self.encode_text_embeddings(self.token_embeddings(ids[:, :length]), eot)
+        with torch.no_grad():  # truncated after the last EOT: ~5x less work for short prompts
+            feats = self.encode_text_embeddings(self.token_embeddings(ids), ids.argmax(dim=-1), truncate=True)
         if cache:
             self._text_cache[key] = feats
         return feats

@@ -19,7 +19,7 @@ import numpy as np
 class Benchmark:
     name: str
     description: str
-    run: Callable  # run(progress) -> dict; progress(iterable, desc) wraps an iterable with a progress bar
+    run: Callable  # run(progress, **options) -> dict; progress(iterable, desc) wraps an iterable in a bar
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
@@ -112,7 +112,7 @@ def synthetic_category(n_images: int = 100, size: int = 256, n_anomalous: int = 
 
 @benchmark("aupro", "AUPRO (canonical, 4-connectivity, 200-threshold legacy, MVTec script, anomalib HEAD) and the "
                     "other pixel metrics on 100 synthetic 256x256 maps, 50 anomalous")
-def bench_aupro(progress) -> dict:
+def bench_aupro(progress, **_options) -> dict:
     from . import metrics as M
     from . import metrics_variants as V
 
@@ -147,8 +147,88 @@ def bench_aupro(progress) -> dict:
     return {"data": data, "results": results}
 
 
-def run_benchmarks(names=None, show_progress: bool = True) -> dict[str, dict]:
-    """Run the named benchmarks (all by default): {name: {"description", "result", "seconds"}}."""
+def _method_worker(name: str, backbone: str, device: str, bf16: bool, batch_size: int, repeats: int,
+                   threads: int | None = None) -> dict:
+    """One method's inference and training-step timing (run in a fresh process, so that its peak
+    memory is its own)."""
+    import resource
+
+    import torch
+
+    from .backbone import load_backbone
+    from .methods import create_method
+
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    bb = load_backbone(backbone, device=device)
+    method = create_method(name, bb).to(device)
+    size = method.image_size
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    names = ["object"] * batch_size
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def infer():
+        with torch.no_grad(), autocast:
+            out = method(images, names)
+        sync()
+        return out
+
+    infer()  # warm-up: text features, caches
+    _, wall, cpu = best_time(infer, repeats)
+    entry = {"image_size": size, "batch_size": batch_size, "inference_seconds_per_batch": wall,
+             "inference_images_per_second": round(batch_size / wall, 3), "inference_cpu_seconds_per_batch": cpu}
+    if method.stages:
+        stage = method.stages[0]
+        optimizer, _ = method.make_optimizer(stage, steps_per_epoch=10, epochs=1)
+        batch = {"images": images, "masks": (torch.rand(batch_size, size, size, device=device) > 0.9).float(),
+                 "labels": torch.arange(batch_size, device=device) % 2, "class_names": names}
+        method.train()
+
+        def step():
+            with autocast:
+                loss = method.training_loss(batch, stage)["total"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sync()
+
+        step()
+        _, wall, cpu = best_time(step, repeats)
+        entry.update(train_stage=stage, train_step_seconds=wall, train_step_cpu_seconds=cpu)
+    if device.startswith("cuda"):
+        entry["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    entry["peak_process_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return entry
+
+
+@benchmark("methods", "per method at its official resolution: inference images/s, training-step seconds, peak "
+                      "memory (GPU, or the process's peak RSS on CPU), on --backbone (tiny, or NAME:random)")
+def bench_methods(progress, backbone: str = "tiny", device: str = "cpu", bf16: bool = False, batch_size: int = 2,
+                  methods=None, repeats: int = 2, threads: int | None = None, **_options) -> dict:
+    import multiprocessing
+
+    from .methods import METHODS, method_class
+
+    method_class("clip_zeroshot")  # loads the registry
+    names = list(methods or sorted(METHODS))
+    results = {}
+    ctx = multiprocessing.get_context("spawn")
+    for name in progress(names, "methods"):
+        with ctx.Pool(1) as pool:
+            try:
+                results[name] = pool.apply(_method_worker, (name, backbone, device, bf16, batch_size, repeats, threads))
+            except Exception as err:  # noqa: BLE001 - one method's failure is recorded, the others still run
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
+    return {"backbone": backbone, "device": device, "bf16": bf16, "threads": threads, "methods": results}
+
+
+def run_benchmarks(names=None, show_progress: bool = True, **options) -> dict[str, dict]:
+    """Run the named benchmarks (all by default): {name: {"description", "result", "seconds"}}.
+    `options` (backbone, device, bf16, batch_size, methods) go to the entries that take them."""
     from tqdm.auto import tqdm
 
     unknown = [n for n in names or [] if n not in BENCHMARKS]
@@ -163,7 +243,7 @@ def run_benchmarks(names=None, show_progress: bool = True) -> dict[str, dict]:
     out = {}
     for name in names or list(BENCHMARKS):
         start = time.perf_counter()
-        result = BENCHMARKS[name].run(progress)
+        result = BENCHMARKS[name].run(progress, **options)
         out[name] = {"description": BENCHMARKS[name].description, "result": result,
                      "seconds": round(time.perf_counter() - start, 3)}
     return out

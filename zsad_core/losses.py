@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -59,3 +60,18 @@ def orthogonality_loss(embeddings: torch.Tensor) -> torch.Tensor:
     cos = unit @ unit.transpose(-1, -2)
     eye = torch.eye(cos.shape[-1], device=cos.device, dtype=cos.dtype)
     return (cos ** 2 * (1 - eye)).mean()
+
+
+def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0) -> torch.Tensor:
+    """FAPrompt's `BinaryFocalLoss(logits=True)`: bce = BCE_with_logits(logits, target) per element,
+    loss = mean(alpha (1 - e^-bce)^gamma bce). FAPrompt feeds it a probability (its image score)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+    return (alpha * (1 - torch.exp(-bce)).pow(gamma) * bce).mean()
+
+
+def pairwise_cosine_loss(features: torch.Tensor) -> torch.Tensor:
+    """FAPrompt's orthogonal loss: sum over all pairs k < m of |cos(f_k, f_m)| of the rows of [K, E]
+    (a plain sum, no averaging)."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    k, m = torch.triu_indices(len(features), len(features), offset=1, device=features.device)
+    return (unit[k] * unit[m]).sum(-1).abs().sum()

@@ -49,7 +49,7 @@ class PromptLearner(nn.Module):
     def __init__(self, backbone, *, n_ctx_normal: int = 12, n_ctx_abnormal: int = 12, n_abnormal: int = 1,
                  share_normal_ctx: bool = False, normal_state: str = "{}", abnormal_state: str = "damaged {}",
                  object_word: str = "object", placeholders: tuple[str, str] = ("X", "X"), depth: int = 9,
-                 deep_length: int = 4, owner: str = "AnomalyCLIP"):
+                 deep_length: int = 4, owner: str = "AnomalyCLIP", size_options: str = "n_ctx / deep_length"):
         super().__init__()
         if not 1 <= depth <= backbone.text_layers:
             raise ValueError(f"deep-prompt depth {depth} outside 1..{backbone.text_layers} (text blocks)")
@@ -60,6 +60,7 @@ class PromptLearner(nn.Module):
         self.share_normal_ctx = share_normal_ctx
         self.normal_state, self.abnormal_state, self.placeholders = normal_state, abnormal_state, placeholders
         self.owner = owner
+        self.size_options = size_options  # the owner's option names, for checkpoint-shape error hints
 
         self.ctx_pos = nn.Parameter(torch.empty(1, 1, n_ctx_normal, width))
         self.ctx_neg = nn.Parameter(torch.empty(1, n_abnormal, n_ctx_abnormal, width))
@@ -129,14 +130,15 @@ class PromptLearner(nn.Module):
         return x, ids
 
     def encode(self, backbone, buffers: dict | None = None, abnormal_shift: torch.Tensor | None = None,
-               deep_prompts_fp16: bool = True) -> torch.Tensor:
-        """Unnormalised text features [L, 1+K, E] of the prompts (row 0 normal)."""
+               deep_prompts_fp16: bool = True, truncate: bool = False) -> torch.Tensor:
+        """Unnormalised text features [L, 1+K, E] of the prompts (row 0 normal); `truncate`: see
+        `Backbone.encode_text_embeddings`."""
         x, ids = self.prompt_embeddings(buffers, abnormal_shift)
         lead, n = x.shape[:2]
         feats = backbone.encode_text_embeddings(x.reshape(lead * n, *x.shape[2:]),
                                                 ids.argmax(dim=-1).repeat(lead),
                                                 deep_prompts=list(self.compound_prompts_text),
-                                                deep_prompts_fp16=deep_prompts_fp16)
+                                                deep_prompts_fp16=deep_prompts_fp16, truncate=truncate)
         return feats.reshape(lead, n, -1)
 
     # ------------------------------------------------------------------ official checkpoint format
@@ -176,7 +178,7 @@ class PromptLearner(nn.Module):
                     hint = (f"it was trained on a backbone with text width {got.shape[-1]} (ViT-L/14@336: 768), "
                             f"this one has {want.shape[-1]}; pass the matching --backbone")
                 else:
-                    hint = "set the options n_ctx / deep_length to those of the checkpoint"
+                    hint = f"set the options {self.size_options} to those of the checkpoint"
                 raise CheckpointError(f"{source}: {key} has shape {shape}, expected {tuple(want.shape)}: {hint}")
 
     def load_official_state(self, state: dict, source) -> None:

@@ -124,6 +124,15 @@ class Workbook:
                             f"data_manifests/{name}.json for the source), then `zsad data verify {name} --root {root}`")
         return root, name
 
+    def find_checkpoint(self, method_name: str) -> Path | None:
+        """The newest `last.safetensors` any notebook of this results folder trained for a method (its
+        untagged run first), or None."""
+        root = self.out.parent
+        untagged = sorted(root.glob(f"*/train/{method_name}/last.safetensors"))
+        tagged = sorted(root.glob(f"*/train/{method_name}-*/last.safetensors"), key=lambda p: p.stat().st_mtime)
+        found = untagged or tagged[::-1]
+        return found[0].resolve() if found else None
+
     # ------------------------------------------------------------------ train / evaluate (resumable)
     def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None, **kw) -> dict:
         """Train on the profile's auxiliary domain (test split, categories pooled) into
@@ -174,19 +183,24 @@ class Workbook:
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
     def maps(self, method, examples: dict, batched: bool = False):
-        """Anomaly maps of `method` for the example images (each image with its own class name).
+        """Anomaly maps of `method` for the example images (each image with its own class name; scores
+        that normalise over a class's images are meaningless here and their warnings are silenced).
 
         batched=True: one forward over all examples, finalized together - faster, and the same maps
         only for methods whose `finalize` does not normalise across images (e.g. AnomalyCLIP; not
         AA-CLIP, whose maps are min-maxed per call)."""
+        import warnings
+
         import torch
 
         if batched:
             method.eval()
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
                 raw = method(examples["images"].to(self.device), list(examples["class_names"]))
-            return method.finalize({k: v.cpu() for k, v in raw.items()}).anomaly_maps
-        with torch.no_grad():
+                return method.finalize({k: v.cpu() for k, v in raw.items()}).anomaly_maps
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps
                    for i, c in enumerate(examples["class_names"])]
         return torch.cat(out)

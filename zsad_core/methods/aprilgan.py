@@ -105,7 +105,7 @@ class AprilGAN(Method):
         # fc.i maps feature_layers[i]; the names match the official LinearLayer's state dict
         self.fc = nn.ModuleList(nn.Linear(backbone.vision_width, backbone.embed_dim) for _ in o.feature_layers)
         self.memory: dict[str | None, dict[int, torch.Tensor]] = {}  # class (None: any) -> layer -> [k*N, W]
-        self.trained = False  # becomes True when a checkpoint is loaded (untrained maps get a warning)
+        self.trained = False  # True once a checkpoint is loaded or training ran (untrained maps get a warning)
 
     # ------------------------------------------------------------------ text
     def text_features(self, class_name: str) -> torch.Tensor:
@@ -242,6 +242,7 @@ class AprilGAN(Method):
 
     def training_loss(self, batch, stage="adapters"):
         """sum over layers of Focal(softmax(Up(A_l)), gt) + Dice(M_l, gt), in the official order."""
+        self.trained = True  # the adapters are being trained: no "untrained" warning afterwards
         self.backbone.set_activation(self.run_activation)
         masks = batch["masks"].to(self.backbone.device)
         with torch.no_grad():

@@ -65,8 +65,8 @@ class FakeWorkbook:
     def method(self, name, options=()):
         return FakeMethod(list(options))
 
-    def train(self, method, tag="", epochs=None):
-        self.calls.append(("train", tag, epochs))
+    def train(self, method, tag="", epochs=None, max_steps=None):
+        self.calls.append(("train", tag, epochs, max_steps))
         return {"out_dir": str(self.tmp / tag), "history": [{"epoch": 1}]}
 
     def evaluate(self, method, dataset, tag="", legacy=False):
@@ -84,7 +84,7 @@ def test_run_ablation_trains_loads_and_reuses_weights(tmp_path):
     assert runs["V-V (official)"].method.loaded == tmp_path / "ref.safetensors"
     assert runs["pre-fix"].method.loaded == tmp_path / "ref.safetensors"
     assert runs["Q-Q"].checkpoint == tmp_path / "ablation-q-q-e1" / "last.safetensors"
-    assert [c for c in wb.calls if c[0] == "train"] == [("train", "ablation-q-q-e1", 1)]
+    assert [c for c in wb.calls if c[0] == "train"] == [("train", "ablation-q-q-e1", 1, None)]
     assert ("evaluate", "ablation-pre-fix-e1", "synth_industrial_b") in wb.calls
 
     table = ablation_table(runs, paper="AnomalyCLIP", paper_datasets=["MVTec AD", "VisA"])
@@ -95,6 +95,10 @@ def test_run_ablation_trains_loads_and_reuses_weights(tmp_path):
     assert math.isnan(table.loc[("attention", "Q-Q"), "MVTec AD I-AUROC"]) and table.loc[("attention", "Q-Q"), "mark"] == ""
     fig = plot_ablation(table, ["I-AUROC", "VisA P-AUROC"], title="t")
     assert len(fig.axes) == 2
+
+    capped = run_ablation(wb, "anomalyclip", variants[1:2], "synth_industrial_b", epochs=1, max_steps=2)
+    assert capped["Q-Q"].checkpoint == tmp_path / "ablation-q-q-e1-s2" / "last.safetensors"
+    assert wb.calls[-2] == ("train", "ablation-q-q-e1-s2", 1, 2)
 
     with pytest.raises(ZsadError, match="earlier variant"):
         run_ablation(wb, "anomalyclip", [Variant("a", "g", weights_from="b")], "x")

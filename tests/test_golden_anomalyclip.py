@@ -432,3 +432,15 @@ def test_bad_options_are_clear(tiny):
         make(tiny, "depth=20", checkpoint=False)
     fields = {f.name for f in dataclasses.fields(create_method("anomalyclip", tiny).Options)}
     assert {"config", "dpam", "prompts", "loss", "depth", "deep_prompts_fp16"} <= fields
+
+
+def test_global_dice_loss_drops_the_focal_terms(tiny, small_images):
+    """loss=global_dice (rebuttal Table 14, "global + Dice"): CE + lambda * (Dice_a + Dice_n), no focal."""
+    batch = dict(images=small_images, masks=torch.zeros(2, 140, 140), labels=torch.tensor([0, 1]), class_names=["x"] * 2)
+    batch["masks"][1, 40:80, 50:90] = 1
+    with torch.no_grad():
+        full = make(tiny, image_size=140).training_loss(batch)
+        dice = make(tiny, "loss=global_dice", image_size=140).training_loss(batch)
+    assert "layer24.focal" not in dice and torch.equal(dice["layer24.dice_abnormal"], full["layer24.dice_abnormal"])
+    expected = full["image_ce"] + 4 * (full["layer24.dice_normal"] + full["layer24.dice_abnormal"])
+    assert_close(dice["total"], expected, atol=1e-6, name="total")

@@ -58,13 +58,16 @@ class AblationRun:
 
 
 def run_ablation(wb, method_name: str, variants, dataset: str, *, epochs: int | None = None,
-                 legacy: bool = False) -> dict[str, AblationRun]:
-    """Train (or load) and evaluate every variant on `dataset`; returns {label: AblationRun} in order."""
+                 max_steps: int | None = None, legacy: bool = False) -> dict[str, AblationRun]:
+    """Train (or load) and evaluate every variant on `dataset`; returns {label: AblationRun} in order.
+    epochs / max_steps (steps per epoch): the training budget of every trained variant (default: the
+    profile's)."""
     runs: dict[str, AblationRun] = {}
     slugs = [v.slug for v in variants]
     if len(set(slugs)) != len(slugs):
         raise ZsadError(f"ablation variants need distinct labels (slugs {slugs})")
-    suffix = f"-e{epochs}" if epochs else ""  # results of another training length are kept apart
+    # results of another training length are kept apart
+    suffix = (f"-e{epochs}" if epochs else "") + (f"-s{max_steps}" if max_steps else "")
     for v in variants:
         tag = f"ablation-{v.slug}{suffix}"
         method = wb.method(method_name, options=list(v.options))
@@ -79,7 +82,7 @@ def run_ablation(wb, method_name: str, variants, dataset: str, *, epochs: int | 
             checkpoint = Path(v.checkpoint)
             method.load_checkpoint(checkpoint)
         else:
-            summary = wb.train(method, tag=tag, epochs=epochs)
+            summary = wb.train(method, tag=tag, epochs=epochs, max_steps=max_steps)
             history = summary["history"]
             checkpoint = Path(summary["out_dir"]) / "last.safetensors"
         result = wb.evaluate(method, dataset, tag=tag, legacy=legacy)

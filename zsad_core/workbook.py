@@ -134,9 +134,11 @@ class Workbook:
         return found[0].resolve() if found else None
 
     # ------------------------------------------------------------------ train / evaluate (resumable)
-    def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None, **kw) -> dict:
+    def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None,
+              max_steps: int | None = None, **kw) -> dict:
         """Train on the profile's auxiliary domain (test split, categories pooled) into
-        <out>/train/<method>[-tag]; resumes / reuses finished epochs."""
+        <out>/train/<method>[-tag]; resumes / reuses finished epochs. max_steps caps the steps per
+        epoch (default: the profile's; e.g. cheap smoke ablations on the first batches of each epoch)."""
         from .data import auxiliary_training_set
         from .train import train
 
@@ -147,7 +149,7 @@ class Workbook:
         out = self.out / "train" / (method.name + (f"-{tag}" if tag else ""))
         kw.setdefault("progress", self.profile.name != "smoke")
         return train(method, data, out, epochs=epochs or self.profile.epochs, batch_size=self.profile.batch_size,
-                     max_steps=self.profile.max_steps, device=self.device, config={"dataset": name, "tag": tag},
+                     max_steps=max_steps or self.profile.max_steps, device=self.device, config={"dataset": name, "tag": tag},
                      log=lambda *_: None, **kw)
 
     def evaluate(self, method, dataset: str, tag: str = "", legacy: bool = True, few_shot: int = 0, **kw) -> dict:

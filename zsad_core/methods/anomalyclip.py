@@ -48,7 +48,8 @@ Options (zsad predict --set KEY=VALUE), the paper's ablations and variants:
   then rebuilt per class from the backbone's token embeddings of "X x12 {class}." / "X x12 damaged
   {class}.", exactly what the official constructor would store for that word; the learned context
   and deep prompts are kept).
-* `loss`: `glocal` (official), `global` (CE only), `local` (lambda * local only).
+* `loss`: `glocal` (official), `global` (CE only), `local` (lambda * local only), `global_dice` (CE +
+  lambda * the two Dice terms, no focal; the rebuttal's "global + Dice", Appendix D Table 14).
 * `depth` (deep prompts before text blocks 2..depth; 1 = none), `deep_length`, `n_ctx`,
   `deep_prompts_fp16` (False: the float32 values, as the paper describes).
 * `layers`, `local_weight` override the configuration's feature layers and lambda; `sigma` the
@@ -102,7 +103,7 @@ class AnomalyCLIP(Method):
         config: Literal["main", "multilayer", "prefix_bug"] = "main"
         dpam: Literal["vv", "qq", "kk", "none", "ensemble"] = "vv"
         prompts: Literal["object_agnostic", "object_aware"] = "object_agnostic"
-        loss: Literal["glocal", "global", "local"] = "glocal"
+        loss: Literal["glocal", "global", "local", "global_dice"] = "glocal"
         depth: int = 9
         deep_length: int = 4
         n_ctx: int = 12
@@ -256,11 +257,13 @@ class AnomalyCLIP(Method):
         for layer, read in zip(self.layers, self.read_layers):
             probs = patch_map(self.token_probabilities(vision, read, text), self.image_size)
             for name, value in segmentation_loss_terms(probs, masks).items():
+                if name == "focal" and self.options.loss == "global_dice":
+                    continue
                 terms[f"layer{layer}.{name}"] = value
                 local = local + value
         terms["local_sum"] = local
         terms["local_weighted"] = self.local_weight * local
-        terms["total"] = terms["local_weighted"] + (terms["image_ce"] if self.options.loss == "glocal" else 0)
+        terms["total"] = terms["local_weighted"] + (terms["image_ce"] if self.options.loss != "local" else 0)
         return terms
 
     # ------------------------------------------------------------------ checkpoints

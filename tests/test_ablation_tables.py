@@ -96,6 +96,10 @@ def test_run_ablation_trains_loads_and_reuses_weights(tmp_path):
     fig = plot_ablation(table, ["I-AUROC", "VisA P-AUROC"], title="t")
     assert len(fig.axes) == 2
 
+    n_calls = len(wb.calls)
+    again = run_ablation(wb, "anomalyclip", variants[1:2] + [Variant("Q-Q again", "other", ["dpam=qq"], weights_from="Q-Q")],
+                         "synth_industrial_b", epochs=1)
+    assert again["Q-Q again"].result is again["Q-Q"].result and len(wb.calls) == n_calls + 2  # no second evaluation
     capped = run_ablation(wb, "anomalyclip", variants[1:2], "synth_industrial_b", epochs=1, max_steps=2)
     assert capped["Q-Q"].checkpoint == tmp_path / "ablation-q-q-e1-s2" / "last.safetensors"
     assert wb.calls[-2] == ("train", "ablation-q-q-e1-s2", 1, 2)

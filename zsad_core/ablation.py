@@ -11,7 +11,8 @@ them beside the paper's ablation rows, and plot them.
 Every variant is trained on the profile's auxiliary domain with its own options (under
 <notebook>/train/<method>-<slug>), unless it names a `checkpoint` to load or another variant whose
 trained parameters it evaluates (`weights_from`: inference-time variants, or configurations whose
-training is provably identical). Results resume like any Workbook train/evaluate.
+training is provably identical; with the same options it is the same model, listed again beside another
+paper row, and its evaluation is reused). Results resume like any Workbook train/evaluate.
 """
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ def run_ablation(wb, method_name: str, variants, dataset: str, *, epochs: int | 
             if v.weights_from not in runs or runs[v.weights_from].checkpoint is None:
                 raise ZsadError(f"variant {v.label!r}: weights_from={v.weights_from!r} must name an earlier "
                                 "variant with parameters")
-            checkpoint = runs[v.weights_from].checkpoint
+            source = runs[v.weights_from]
+            checkpoint = source.checkpoint
+            if v.options == source.variant.options:  # the same model again (e.g. beside another paper row)
+                runs[v.label] = AblationRun(v, source.method, source.result, checkpoint, [])
+                continue
             method.load_checkpoint(checkpoint)
         elif v.checkpoint is not None:
             checkpoint = Path(v.checkpoint)

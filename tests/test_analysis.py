@@ -6,7 +6,6 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 

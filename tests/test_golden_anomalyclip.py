@@ -347,6 +347,31 @@ def test_dpam_variants(tiny, small_images, small_vv, dpam):
     assert torch.equal(out["image_scores"], small_vv["image_scores"])  # the global branch has no DPAM
 
 
+def test_dpam_ensemble_averages_the_logits_of_the_four_attentions(tiny, small_images, small_vv):
+    """dpam=ensemble (rebuttal Table 12): one pass whose members equal the single-attention passes;
+    S = softmax(mean_k <P_k/|P_k|, T> / tau); the global branch is untouched."""
+    method = make(tiny, "dpam=ensemble", "config=multilayer", image_size=140)
+    with torch.no_grad():
+        tiny.set_activation("quick_gelu")
+        vision = method.encode_image(small_images)
+        text = method.text_features(["object"] * 2)
+        for member, dpam in zip(vision.extras["members"], [None, "qq", "kk", "vv"]):
+            alone = tiny.encode_image_layers(small_images, [6, 12, 18, 24], interpolation="bilinear", dpam=dpam,
+                                             dpam_start=6, ln_post=True, proj=True)
+            for layer in (6, 12, 18, 24):
+                assert_close(member[layer], alone.tokens[layer], atol=1e-5, name=f"{dpam} layer {layer}")
+        logits = sum((m[24] / m[24].norm(dim=-1, keepdim=True)) @ text.transpose(-1, -2) / 0.07
+                     for m in vision.extras["members"]) / 4
+        assert_close(method.token_probabilities(vision, 24, text), logits.softmax(dim=-1), atol=1e-6, name="S_24")
+        out = make(tiny, "dpam=ensemble", image_size=140).infer(small_images, ["object"] * 2)
+    assert torch.equal(out["image_scores"], small_vv["image_scores"])
+    assert (out["anomaly_maps"] - small_vv["anomaly_maps"]).abs().max() > 1e-3
+    batch = dict(images=small_images, masks=torch.ones(2, 140, 140), labels=torch.tensor([0, 1]), class_names=["x"] * 2)
+    trained = make(tiny, "dpam=ensemble", image_size=140)
+    trained.training_loss(batch)["total"].backward()
+    assert trained.prompt_learner.ctx_pos.grad.abs().sum() > 0
+
+
 def test_object_aware_prompts_rebuild_the_fixed_buffers(tiny, small_images, small_vv):
     method = make(tiny, "prompts=object_aware", image_size=140)
     assert method.uses_class_name
@@ -407,3 +432,15 @@ def test_bad_options_are_clear(tiny):
         make(tiny, "depth=20", checkpoint=False)
     fields = {f.name for f in dataclasses.fields(create_method("anomalyclip", tiny).Options)}
     assert {"config", "dpam", "prompts", "loss", "depth", "deep_prompts_fp16"} <= fields
+
+
+def test_global_dice_loss_drops_the_focal_terms(tiny, small_images):
+    """loss=global_dice (rebuttal Table 14, "global + Dice"): CE + lambda * (Dice_a + Dice_n), no focal."""
+    batch = dict(images=small_images, masks=torch.zeros(2, 140, 140), labels=torch.tensor([0, 1]), class_names=["x"] * 2)
+    batch["masks"][1, 40:80, 50:90] = 1
+    with torch.no_grad():
+        full = make(tiny, image_size=140).training_loss(batch)
+        dice = make(tiny, "loss=global_dice", image_size=140).training_loss(batch)
+    assert "layer24.focal" not in dice and torch.equal(dice["layer24.dice_abnormal"], full["layer24.dice_abnormal"])
+    expected = full["image_ce"] + 4 * (full["layer24.dice_normal"] + full["layer24.dice_abnormal"])
+    assert_close(dice["total"], expected, atol=1e-6, name="total")

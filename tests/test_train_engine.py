@@ -81,3 +81,21 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     summary = train(resumed, dataset(), tmp_path / "run", progress=False, log=lambda *_: None)
     assert [h["epoch"] for h in summary["history"]] == [3]
     assert torch.allclose(resumed.w, reference.w, atol=0, rtol=0)
+
+
+def test_more_epochs_continue_a_finished_run_and_fewer_keep_it(tmp_path):
+    reference = Linear(FakeBackbone())
+    train(reference, dataset(), tmp_path / "ref", progress=False, log=lambda *_: None)  # 3 epochs
+
+    short = Linear(FakeBackbone())
+    train(short, dataset(), tmp_path / "run", epochs=2, progress=False, log=lambda *_: None)
+    longer = Linear(FakeBackbone())
+    summary = train(longer, dataset(), tmp_path / "run", epochs=3, progress=False, log=lambda *_: None)
+    assert [h["epoch"] for h in summary["history"]] == [3]
+    assert torch.equal(longer.w, reference.w)  # the schedule does not depend on the number of epochs
+
+    messages = []
+    again = Linear(FakeBackbone())
+    summary = train(again, dataset(), tmp_path / "run", epochs=1, progress=False, log=messages.append)
+    assert summary["history"] == [] and torch.equal(again.w, reference.w)
+    assert any("more than the 1 asked" in m for m in messages)

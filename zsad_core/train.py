@@ -10,7 +10,9 @@ The method supplies the official recipe through its hooks (`stages`, `recipe`, `
 * after every epoch: the learnable parameters as `<stage>_epoch<N>.safetensors` (zsad's format, the
   method config in its metadata) plus `trainer_state.pt` (optimizer, scheduler, RNG states), written
   atomically; `last.safetensors` always points to the newest parameters;
-* resume: rerun the same command and training continues after the last finished epoch.
+* resume: rerun the same command and training continues after the last finished epoch; rerun with
+  more --epochs and a finished last stage is continued (a schedule that depends on the number of
+  epochs is then not the one a single longer run would use).
 """
 from __future__ import annotations
 
@@ -83,7 +85,12 @@ def train(method, dataset, out_dir, *, epochs: int | None = None, batch_size: in
         bs = int(batch_size or recipe.get("batch_size", 8))
         stage_seed = int(seed if seed is not None else recipe.get("seed", 0))
         done_stages = resume["stages_done"] if resume else []
-        if stage in done_stages:
+        # a finished last stage is continued when more epochs are asked for now (--epochs raised)
+        extend = bool(resume) and resume["stage"] == stage and resume["epoch"] < n_epochs
+        if stage in done_stages and not extend:
+            if resume and resume["stage"] == stage and resume["epoch"] > n_epochs:
+                log(f"stage {stage!r} was trained for {resume['epoch']} epochs, more than the {n_epochs} asked; "
+                    "kept as it is (use a new --out to train fewer)")
             continue
         start_epoch = resume["epoch"] if resume and resume["stage"] == stage else 0
         steps_per_epoch = min(-(-len(dataset) // bs), max_steps or 10**12)

@@ -27,7 +27,8 @@ METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I
 PAPER_DATASET = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd_kolektorsdd": "SDD",
                  "dagm2007": "DAGM", "dtd_synthetic": "DTD-Synthetic", "headct": "HeadCT", "brainmri": "BrainMRI",
                  "br35h": "Br35H", "isic2016": "ISIC", "cvc_clinicdb": "CVC-ClinicDB", "cvc_colondb": "CVC-ColonDB",
-                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD"}
+                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD",
+                 "covid19_radiography": "COVID-19"}
 # (level, metric) in the paper tables for each of our metric names
 PAPER_METRIC = {"image_auroc": ("image", "AUROC"), "image_ap": ("image", "AP"), "image_f1max": ("image", "F1-max"),
                 "pixel_auroc": ("pixel", "AUROC"), "pixel_ap": ("pixel", "AP"), "pixel_f1max": ("pixel", "F1-max"),
@@ -141,12 +142,14 @@ class Workbook:
 
     # ------------------------------------------------------------------ train / evaluate (resumable)
     def train(self, method, tag: str = "", dataset: str | None = None, epochs: int | None = None,
-              subset: int | None = None, subset_seed: int = 0, **kw) -> dict:
+              subset: int | None = None, subset_seed: int = 0, max_steps: int | None = None, **kw) -> dict:
         """Train on the profile's auxiliary domain (test split, categories pooled) into
         <out>/train/<method>[-tag]; resumes / reuses finished epochs.
 
         subset=k: only k images per category (seeded draw, `subset_seed`; the papers' k-shot training),
-        into <method>[-tag]-subset<k>[-seed<s>]; the drawn images are listed in its config.json."""
+        into <method>[-tag]-subset<k>[-seed<s>]; the drawn images are listed in its config.json.
+        max_steps caps the steps per epoch (default: the profile's; e.g. cheap smoke ablations on the
+        first batches of each epoch)."""
         import torch
 
         from .data import auxiliary_training_set, subset_per_category
@@ -167,7 +170,7 @@ class Workbook:
         out = self.out / "train" / folder
         kw.setdefault("progress", self.profile.name != "smoke")
         return train(method, data, out, epochs=epochs or self.profile.epochs, batch_size=self.profile.batch_size,
-                     max_steps=self.profile.max_steps, device=self.device, config=config,
+                     max_steps=max_steps or self.profile.max_steps, device=self.device, config=config,
                      log=lambda *_: None, **kw)
 
     def evaluate(self, method, dataset: str, tag: str = "", legacy: bool = True, few_shot: int = 0, **kw) -> dict:
@@ -224,15 +227,25 @@ class Workbook:
                 "class_names": [it["class_name"] for it in items],
                 "titles": [f"{it['category']}/{it['defect_type']}" for it in items]}
 
-    def maps(self, method, examples: dict):
+    def maps(self, method, examples: dict, batched: bool = False):
         """Anomaly maps of `method` for the example images (each image with its own class name; a
         sampling method starts from its seed; scores that normalise over a class's images are
-        meaningless here and their warnings are silenced)."""
+        meaningless here and their warnings are silenced).
+
+        batched=True: one forward over all examples, finalized together - faster, and the same maps
+        only for methods whose `finalize` does not normalise across images (e.g. AnomalyCLIP; not
+        AA-CLIP, whose maps are min-maxed per call)."""
         import warnings
 
         import torch
 
         _fresh_sampling(method)
+        if batched:
+            method.eval()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                raw = method(examples["images"].to(self.device), list(examples["class_names"]))
+                return method.finalize({k: v.cpu() for k, v in raw.items()}).anomaly_maps
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = [method.predict(examples["images"][i:i + 1], c).anomaly_maps

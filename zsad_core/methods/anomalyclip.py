@@ -40,13 +40,16 @@ crashes there; here it works. Not offered: DPAM's unused `ffn=True` variant. The
 
 Options (zsad predict --set KEY=VALUE), the paper's ablations and variants:
 * `dpam`: `vv` (official), `qq`, `kk` (the paper's ablation; no official code), `none` (plain CLIP
-  tokens of the original path).
+  tokens of the original path, i.e. Q-K attention), `ensemble` (the rebuttal's "ensemble2",
+  Appendix D Table 12: the token logits <P/|P|, T> / tau of Q-K (original path), Q-Q, K-K and V-V
+  features are averaged before the softmax; no official code, four vision passes).
 * `prompts`: `object_agnostic` (official) or `object_aware` (the class name replaces "object";
   the fixed token buffers of the checkpoint, which encode "... object." / "... damaged object.", are
   then rebuilt per class from the backbone's token embeddings of "X x12 {class}." / "X x12 damaged
   {class}.", exactly what the official constructor would store for that word; the learned context
   and deep prompts are kept).
-* `loss`: `glocal` (official), `global` (CE only), `local` (lambda * local only).
+* `loss`: `glocal` (official), `global` (CE only), `local` (lambda * local only), `global_dice` (CE +
+  lambda * the two Dice terms, no focal; the rebuttal's "global + Dice", Appendix D Table 14).
 * `depth` (deep prompts before text blocks 2..depth; 1 = none), `deep_length`, `n_ctx`,
   `deep_prompts_fp16` (False: the float32 values, as the paper describes).
 * `layers`, `local_weight` override the configuration's feature layers and lambda; `sigma` the
@@ -60,6 +63,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..backbone import VisionOutput, self_attention
 from ..errors import CheckpointError, OptionError
 from ..losses import segmentation_loss_terms
 from ..maps import gaussian_filter, patch_map, text_probabilities
@@ -68,6 +72,7 @@ from .base import Method, read_official_checkpoint, register
 
 TEMPERATURE = 0.07  # hard-coded in the official code
 DPAM_START = 6  # DPAM_layer=20 replaces the last 19 of the 24 blocks
+ENSEMBLE = (None, "qq", "kk", "vv")  # dpam=ensemble: Q-K (the original path), Q-Q, K-K, V-V
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,9 @@ class AnomalyCLIP(Method):
     @dataclass
     class Options:
         config: Literal["main", "multilayer", "prefix_bug"] = "main"
-        dpam: Literal["vv", "qq", "kk", "none"] = "vv"
+        dpam: Literal["vv", "qq", "kk", "none", "ensemble"] = "vv"
         prompts: Literal["object_agnostic", "object_aware"] = "object_agnostic"
-        loss: Literal["glocal", "global", "local"] = "glocal"
+        loss: Literal["glocal", "global", "local", "global_dice"] = "glocal"
         depth: int = 9
         deep_length: int = 4
         n_ctx: int = 12
@@ -151,10 +156,46 @@ class AnomalyCLIP(Method):
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, images: torch.Tensor):
-        """DPAM vision pass: VisionOutput with ln_post+proj tokens of the read layers, `final` = o."""
+        """DPAM vision pass: VisionOutput with ln_post+proj tokens of the read layers, `final` = o.
+        dpam=ensemble: one pass per member; `extras["members"]` holds each member's tokens."""
+        if self.options.dpam == "ensemble":
+            return self._ensemble_pass(images)
         dpam = None if self.options.dpam == "none" else self.options.dpam
         return self.backbone.encode_image_layers(images, sorted(set(self.read_layers)), interpolation="bilinear",
                                                  dpam=dpam, dpam_start=DPAM_START, ln_post=True, proj=True)
+
+    def _ensemble_pass(self, images: torch.Tensor):
+        """The ensemble's members in one pass: the original path o (Q-K) and three DPAM paths (Q-Q, K-K,
+        V-V) beside it, each exactly as `encode_image_layers` computes it alone (they share o)."""
+        bb = self.backbone
+        layers = set(self.read_layers)
+        x = bb.embed_image(images, "bilinear")
+        paths = {kind: None for kind in ENSEMBLE if kind is not None}
+        taps = {kind: {} for kind in ENSEMBLE}
+        for i, block in enumerate(bb.visual.transformer.resblocks, start=1):
+            if i >= DPAM_START:
+                h = block.ln_1(x)
+                for kind, v in paths.items():
+                    paths[kind] = (x if v is None else v) + block.attn.out_proj(self_attention(block, h, kind))
+            x = block(x)
+            if i in layers:
+                taps[None][i] = x
+                for kind, v in paths.items():
+                    taps[kind][i] = x if v is None else v
+        members = [{i: bb.project_tokens(t, ln_post=True, proj=True) for i, t in taps[k].items()} for k in ENSEMBLE]
+        grid = int(round((x.shape[1] - 1) ** 0.5))
+        return VisionOutput(tokens=members[ENSEMBLE.index("vv")], final=x, grid=grid, extras={"members": members})
+
+    def token_probabilities(self, vision, layer: int, text: torch.Tensor) -> torch.Tensor:
+        """S_l = softmax(<P_l/|P_l|, T> / tau), [B, 1+N, 2]; dpam=ensemble averages the members' logits."""
+        members = vision.extras.get("members")
+        if members is None:
+            return text_probabilities(vision.tokens[layer], text, TEMPERATURE)
+        logits = 0
+        for tokens in members:
+            p = tokens[layer] / tokens[layer].norm(dim=-1, keepdim=True)
+            logits = logits + p @ text.transpose(-1, -2) / TEMPERATURE
+        return (logits / len(members)).softmax(dim=-1)
 
     def global_features(self, vision) -> torch.Tensor:
         return self.backbone.global_embedding(vision, ln_post=self.options.global_ln_post)
@@ -167,7 +208,7 @@ class AnomalyCLIP(Method):
 
     def layer_similarities(self, vision, text: torch.Tensor) -> dict[int, torch.Tensor]:
         """S_l = softmax(<P_l/|P_l|, T> / tau), [B, 1+N, 2] per distinct read layer."""
-        return {layer: text_probabilities(vision.tokens[layer], text, TEMPERATURE) for layer in set(self.read_layers)}
+        return {layer: self.token_probabilities(vision, layer, text) for layer in set(self.read_layers)}
 
     # ------------------------------------------------------------------ inference
     def outputs(self, vision, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -214,13 +255,15 @@ class AnomalyCLIP(Method):
             return terms
         local = 0
         for layer, read in zip(self.layers, self.read_layers):
-            probs = patch_map(text_probabilities(vision.tokens[read], text, TEMPERATURE), self.image_size)
+            probs = patch_map(self.token_probabilities(vision, read, text), self.image_size)
             for name, value in segmentation_loss_terms(probs, masks).items():
+                if name == "focal" and self.options.loss == "global_dice":
+                    continue
                 terms[f"layer{layer}.{name}"] = value
                 local = local + value
         terms["local_sum"] = local
         terms["local_weighted"] = self.local_weight * local
-        terms["total"] = terms["local_weighted"] + (terms["image_ce"] if self.options.loss == "glocal" else 0)
+        terms["total"] = terms["local_weighted"] + (terms["image_ce"] if self.options.loss != "local" else 0)
         return terms
 
     # ------------------------------------------------------------------ checkpoints

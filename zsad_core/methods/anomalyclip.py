@@ -89,8 +89,23 @@ CONFIGS = {
 }
 
 
+class PromptTraining:
+    """The training pieces FAPrompt shares with AnomalyCLIP: one Adam over the learnable prompt
+    parameters with the recipe's lr/betas/eps and no schedule, and the vision pass of the frozen CLIP."""
+
+    def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
+        r = self.recipe["prompts"]
+        return torch.optim.Adam(self.trainable_parameters(stage), lr=r["lr"], betas=r["betas"], eps=r["eps"],
+                                weight_decay=r["weight_decay"]), None
+
+    def frozen_vision(self, images: torch.Tensor):
+        self.backbone.set_activation(self.run_activation)
+        with torch.no_grad():  # CLIP is frozen; the official vision pass runs under no_grad
+            return self.encode_image(images)
+
+
 @register
-class AnomalyCLIP(Method):
+class AnomalyCLIP(PromptTraining, Method):
     name = "anomalyclip"
     activation = "quick_gelu"
     image_convention = "squash"
@@ -236,15 +251,8 @@ class AnomalyCLIP(Method):
         # all prompt-learner parameters, as the official optimizer; the dead projections get no grad
         return list(self.prompt_learner.parameters())
 
-    def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
-        r = self.recipe["prompts"]
-        return torch.optim.Adam(self.trainable_parameters(stage), lr=r["lr"], betas=r["betas"], eps=r["eps"],
-                                weight_decay=r["weight_decay"]), None
-
     def training_loss(self, batch: dict, stage: str = "prompts") -> dict[str, torch.Tensor]:
-        self.backbone.set_activation(self.run_activation)
-        with torch.no_grad():  # CLIP is frozen; the official vision pass runs under no_grad
-            vision = self.encode_image(batch["images"])
+        vision = self.frozen_vision(batch["images"])
         return self.loss_terms(vision, self.text_features(batch["class_names"]), batch["labels"], batch["masks"])
 
     def loss_terms(self, vision, text: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict:

@@ -79,7 +79,7 @@ from ..errors import CheckpointError, OptionError
 from ..losses import binary_focal_loss, pairwise_cosine_loss, segmentation_loss_terms
 from ..maps import gaussian_filter, patch_map, text_probabilities
 from ..prompt_learner import PromptLearner
-from .anomalyclip import DPAM_START, TEMPERATURE
+from .anomalyclip import DPAM_START, TEMPERATURE, PromptTraining
 from .base import Method, read_official_checkpoint, register
 
 FEATURE_LAYER = 24  # only the last block's V-V tokens are used
@@ -99,7 +99,7 @@ def scoring_text(raw: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class FAPrompt(Method):
+class FAPrompt(PromptTraining, Method):
     name = "faprompt"
     activation = "quick_gelu"
     image_convention = "squash"
@@ -260,15 +260,8 @@ class FAPrompt(Method):
         return [learner.ctx_pos, learner.ctx_neg, *self.patch_meta_net.parameters(),
                 *learner.compound_prompts_text, *learner.compound_prompt_projections.parameters()]
 
-    def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
-        r = self.recipe["prompts"]
-        return torch.optim.Adam(self.trainable_parameters(stage), lr=r["lr"], betas=r["betas"], eps=r["eps"],
-                                weight_decay=r["weight_decay"]), None
-
     def training_loss(self, batch: dict, stage: str = "prompts") -> dict[str, torch.Tensor]:
-        self.backbone.set_activation(self.run_activation)
-        with torch.no_grad():  # CLIP is frozen; the official vision pass runs under no_grad
-            vision = self.encode_image(batch["images"])
+        vision = self.frozen_vision(batch["images"])
         return self.loss_terms(self.paths(vision), batch["labels"], batch["masks"])
 
     def loss_terms(self, out: dict, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:

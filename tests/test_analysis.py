@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from zsad_core.analysis import mean_over_runs, project_2d, time_per_image
+from zsad_core.analysis import mean_over_runs, time_per_image
+from zsad_core.embeddings import pca_2d
 
 
 def result(**means):
@@ -61,14 +62,14 @@ def test_time_per_image_batches_warmup_and_names():
 def test_project_2d_is_pca_with_fixed_signs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=gen) * torch.tensor([5.0, 2.0, 0.1, 0.1, 0.1, 0.1])
-    y = project_2d(x)
+    y = pca_2d(x)
     assert y.shape == (40, 2)
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
     assert y[:, 0].var() > y[:, 1].var()  # first axis: largest variance
-    np.testing.assert_allclose(project_2d(-x), y, atol=1e-5)  # signs fixed: mirrored data, same picture
+    np.testing.assert_allclose(pca_2d(-x), y, atol=1e-5)  # signs fixed: mirrored data, same picture
     for axis in range(2):
         assert y[np.abs(y[:, axis]).argmax(), axis] > 0
-    assert project_2d(torch.randn(3, 1)).shape == (3, 2)  # one feature: second axis zero
+    assert pca_2d(torch.randn(3, 1)).shape == (3, 2)  # one feature: second axis zero
 
 
 def test_workbook_evaluate_and_maps_restart_sampling(tmp_path, monkeypatch):

@@ -1,10 +1,9 @@
-"""Analyses the notebooks share: means over repeated runs (seeds), inference time per image, and a
-deterministic 2-D projection of embeddings for figures.
+"""Analyses the notebooks share: means over repeated runs (seeds) and inference time per image
+(2-D projections of embeddings live in zsad_core.embeddings).
 
     runs = {"R=1": [wb.evaluate(m1, ds, tag="s0"), wb.evaluate(m1b, ds, tag="s1")], ...}
     mean_over_runs(runs)                       # percent, mean and std over the runs of each row
     time_per_image(method, images, names)      # {"wall_ms", "cpu_ms", "images"}: median per image
-    project_2d(embeddings)                     # [N, 2] PCA, signs fixed
 """
 from __future__ import annotations
 
@@ -59,16 +58,3 @@ def time_per_image(method, images: torch.Tensor, class_names, *, batch_size: int
             wall.append((time.perf_counter() - start_wall) / len(x))
             cpu.append((time.process_time() - start_cpu) / len(x))
     return {"wall_ms": 1000 * float(np.median(wall)), "cpu_ms": 1000 * float(np.median(cpu)), "images": len(images)}
-
-
-def project_2d(x) -> np.ndarray:
-    """Principal-component projection [N, D] -> [N, 2] (centred; each axis' sign chosen so that its
-    largest-magnitude coordinate is positive, so reruns draw the same picture)."""
-    x = torch.as_tensor(x).detach().float().cpu()
-    x = x - x.mean(0, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    y = x @ vh[:2].T
-    if y.shape[1] < 2:
-        y = torch.cat([y, torch.zeros(len(y), 2 - y.shape[1])], dim=1)
-    signs = torch.sign(y.gather(0, y.abs().argmax(0, keepdim=True)))
-    return (y * torch.where(signs == 0, torch.ones_like(signs), signs)).numpy()

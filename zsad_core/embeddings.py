@@ -216,6 +216,19 @@ def project(vectors, method: str = "umap", seed: int = 0, **kwargs) -> np.ndarra
     return np.asarray(xy, dtype=np.float64)
 
 
+def pca_2d(x) -> np.ndarray:
+    """Principal-component projection [N, D] -> [N, 2] of the raw vectors (no unit normalisation) (centred; each axis' sign chosen so that its
+    largest-magnitude coordinate is positive, so reruns draw the same picture)."""
+    x = torch.as_tensor(x).detach().float().cpu()
+    x = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    y = x @ vh[:2].T
+    if y.shape[1] < 2:
+        y = torch.cat([y, torch.zeros(len(y), 2 - y.shape[1])], dim=1)
+    signs = torch.sign(y.gather(0, y.abs().argmax(0, keepdim=True)))
+    return (y * torch.where(signs == 0, torch.ones_like(signs), signs)).numpy()
+
+
 def projection_figure(spaces: dict, methods=PROJECTIONS, seed: int = 0, size: float = 3.0, marker_by_group=True,
                       point_size: float = 14.0, title: str | None = None):
     """One row per space ({label: Points}), one column per projection; normal points blue, abnormal red,

@@ -89,9 +89,17 @@ CONFIGS = {
 }
 
 
-class PromptTraining:
-    """The training pieces FAPrompt shares with AnomalyCLIP: one Adam over the learnable prompt
-    parameters with the recipe's lr/betas/eps and no schedule, and the vision pass of the frozen CLIP."""
+class AnomalyCLIPFamily:
+    """What FAPrompt shares with AnomalyCLIP besides the prompt learner: the official conventions
+    (QuickGELU, squashed 518 px inputs, bilinear masks, object-agnostic prompts), one Adam over the
+    learnable prompt parameters with the recipe's lr/betas/eps and no schedule, and the vision pass of
+    the frozen CLIP."""
+
+    activation = "quick_gelu"
+    image_convention = "squash"
+    mask_convention = "bilinear"
+    default_image_size = 518
+    uses_class_name = False
 
     def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
         r = self.recipe["prompts"]
@@ -105,13 +113,8 @@ class PromptTraining:
 
 
 @register
-class AnomalyCLIP(PromptTraining, Method):
+class AnomalyCLIP(AnomalyCLIPFamily, Method):
     name = "anomalyclip"
-    activation = "quick_gelu"
-    image_convention = "squash"
-    mask_convention = "bilinear"
-    default_image_size = 518
-    uses_class_name = False
 
     @dataclass
     class Options:

@@ -79,7 +79,7 @@ from ..errors import CheckpointError, OptionError
 from ..losses import binary_focal_loss, pairwise_cosine_loss, segmentation_loss_terms
 from ..maps import gaussian_filter, patch_map, text_probabilities
 from ..prompt_learner import PromptLearner
-from .anomalyclip import DPAM_START, TEMPERATURE, PromptTraining
+from .anomalyclip import DPAM_START, TEMPERATURE, AnomalyCLIPFamily
 from .base import Method, read_official_checkpoint, register
 
 FEATURE_LAYER = 24  # only the last block's V-V tokens are used
@@ -99,13 +99,8 @@ def scoring_text(raw: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class FAPrompt(PromptTraining, Method):
+class FAPrompt(AnomalyCLIPFamily, Method):
     name = "faprompt"
-    activation = "quick_gelu"
-    image_convention = "squash"
-    mask_convention = "bilinear"
-    default_image_size = 518
-    uses_class_name = False
 
     @dataclass
     class Options:

@@ -10,7 +10,7 @@ import torch
 from zsad_core.ablation import Variant, ablation_table, plot_ablation, run_ablation, training_step_difference
 from zsad_core.errors import ZsadError
 from zsad_core.methods import create_method
-from zsad_core.tables import beside_paper_table, dataset_table
+from zsad_core.tables import beside_paper_rows, dataset_table
 
 matplotlib.use("Agg")
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "aupro_legacy")
@@ -27,10 +27,10 @@ def test_dataset_table_rows_are_datasets_in_percent():
     assert table.loc["synth_industrial_b", "AUPRO"] == 61.2
 
 
-def test_beside_paper_table_puts_our_row_beside_the_papers_row_with_marks():
+def test_beside_paper_rows_puts_our_row_beside_the_papers_row_with_marks():
     sources = {"paper": dict(paper="AnomalyCLIP", table="Table 1 (industrial ZSAD)", method="AnomalyCLIP"),
                "released": dict(paper="AnomalyCLIP", method="AnomalyCLIP (released checkpoint)")}
-    table = beside_paper_table({"synth_industrial_b": result(0.5), "visa": result(0.9)}, sources, METRICS,
+    table = beside_paper_rows({"synth_industrial_b": result(0.5), "visa": result(0.9)}, sources, METRICS,
                                ours_label="zsad (paper)")
     rows = list(table.index)
     assert rows[0] == ("synth_industrial_b", "zsad (paper)")  # not in the paper: first
@@ -43,8 +43,8 @@ def test_beside_paper_table_puts_our_row_beside_the_papers_row_with_marks():
     assert {ds for ds, _ in rows} >= {"MVTec AD", "MPDD", "BTAD", "SDD", "DAGM", "DTD-Synthetic"}
 
 
-def test_beside_paper_table_medical_shape():
-    table = beside_paper_table({"covid19_radiography": result(0.7)},
+def test_beside_paper_rows_medical_shape():
+    table = beside_paper_rows({"covid19_radiography": result(0.7)},
                                {"paper": dict(paper="AnomalyCLIP", table="Table 2 (medical ZSAD)", method="AnomalyCLIP")})
     assert table.loc[("COVID-19", "paper"), "I-AUROC"] == 80.1
     assert math.isnan(table.loc[("ISIC", "paper"), "I-AUROC"]) and table.loc[("ISIC", "paper"), "P-AUROC"] == 89.7

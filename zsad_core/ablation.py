@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ZsadError
-from .workbook import METRIC_LABELS
+from .tables import METRIC_LABELS
 
 ABLATION_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
 

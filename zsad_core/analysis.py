@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from .workbook import METRIC_LABELS
+from .tables import METRIC_LABELS
 
 
 def mean_over_runs(runs: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro")):

@@ -1,12 +1,12 @@
-"""What the notebooks share: profile settings, datasets, train/evaluate with resume, tables beside
-the papers' numbers.
+"""What the notebooks share: profile settings, datasets, train/evaluate with resume, and (from
+zsad_core.tables) the tables beside the papers' numbers.
 
     wb = Workbook(profile, results_dir, "20_anomalyclip", data_root=data_root, backbone=backbone)
     method = wb.method("anomalyclip")
     wb.train(method, "prompts")                       # on the profile's auxiliary domain
     result = wb.evaluate(method, "synth_industrial_b", tag="main")
-    table = wb.table({"AnomalyCLIP": results})        # percent, one decimal
-    wb.beside_paper(table, paper="AnomalyCLIP", method="AnomalyCLIP")
+    table = wb.table({"AnomalyCLIP": {"synth_industrial_b": result}})   # percent, one decimal
+    wb.beside_paper_table({"synth_industrial_b": result}, paper="AnomalyCLIP", method="AnomalyCLIP")
 
 Every artefact goes under `<results_dir>/<notebook>/`; train/evaluate resume from what is there, so a
 re-executed notebook reuses finished work.
@@ -16,23 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .errors import ZsadError
 
-METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max",
-                 "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "aupro": "AUPRO",
-                 "aupro_legacy": "AUPRO (legacy)"}
-# our dataset ids -> the names the paper tables use
-PAPER_DATASET = {"mvtec_ad": "MVTec AD", "visa": "VisA", "mpdd": "MPDD", "btad": "BTAD", "sdd_kolektorsdd": "SDD",
-                 "dagm2007": "DAGM", "dtd_synthetic": "DTD-Synthetic", "headct": "HeadCT", "brainmri": "BrainMRI",
-                 "br35h": "Br35H", "isic2016": "ISIC", "cvc_clinicdb": "CVC-ClinicDB", "cvc_colondb": "CVC-ColonDB",
-                 "kvasir": "Kvasir", "endo": "Endo", "tn3k": "TN3K", "ksdd2": "KSDD2", "rsdd": "RSDD",
-                 "covid19_radiography": "COVID-19"}
-# (level, metric) in the paper tables for each of our metric names
-PAPER_METRIC = {"image_auroc": ("image", "AUROC"), "image_ap": ("image", "AP"), "image_f1max": ("image", "F1-max"),
-                "pixel_auroc": ("pixel", "AUROC"), "pixel_ap": ("pixel", "AP"), "pixel_f1max": ("pixel", "F1-max"),
-                "aupro": ("pixel", "AUPRO")}
+# the notebooks import the table constants from here too
+from .tables import METRIC_LABELS, PAPER_DATASET, PAPER_METRIC, beside_paper, beside_paper_table, method_table  # noqa: F401
 
 
 def option_tag(options) -> str:
@@ -253,84 +240,10 @@ class Workbook:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ tables
-    @staticmethod
-    def table(results: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro")):
-        """{row label: {dataset: evaluate() result}} -> DataFrame of means in percent (1 decimal),
-        columns (dataset, metric)."""
-        import pandas as pd
-
-        rows = {}
-        for label, per_dataset in results.items():
-            rows[label] = {(ds, METRIC_LABELS[m]): 100 * r["mean"][m]["mean"]
-                           for ds, r in per_dataset.items() for m in metrics if m in r["mean"]}
-        return pd.DataFrame(rows).T.round(1)
-
-    @staticmethod
-    def beside_paper(ours: dict, paper_rows: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro")):
-        """Our means beside the papers' numbers, with the trust mark of each paper number.
-
-        ours: {(method label, dataset label): evaluate() result}; paper_rows: {method label: dict of
-        paper_numbers filters (paper=, method=, table=...)} and the dataset to read them for under key
-        'dataset' (a paper dataset name like 'MVTec AD'). Returns a long DataFrame."""
-        import pandas as pd
-
-        from .paper_tables import paper_numbers
-
-        records = []
-        for (label, dataset), result in ours.items():
-            filters = dict(paper_rows.get(label, {}))
-            paper_dataset = filters.pop("dataset", None)
-            reported = paper_numbers(**filters, dataset=paper_dataset) if paper_dataset and filters else None
-            for m in metrics:
-                level, metric = PAPER_METRIC[m]
-                value = result["mean"].get(m, {}).get("mean", float("nan"))
-                row = {"method": label, "our data": dataset, "metric": METRIC_LABELS[m], "ours": round(100 * value, 1)}
-                if reported is not None:
-                    hit = reported[(reported.level == level) & (reported.metric == metric)]
-                    row.update({"paper data": paper_dataset,
-                                "paper": float(hit.value.iloc[0]) if len(hit) else np.nan,
-                                "mark": hit.trust.iloc[0] if len(hit) else ""})
-                records.append(row)
-        return pd.DataFrame(records)
-
-    @staticmethod
-    def beside_paper_table(ours: dict, metrics=("image_auroc", "image_ap", "pixel_auroc", "aupro"),
-                           stand_in: dict | None = None, **filters):
-        """The paper's table, row by row, with our number beside each paper number.
-
-        Rows: the datasets of `paper_numbers(**filters)` in the paper's order, then any of ours the
-        paper does not report. ours: {our dataset id: evaluate() result}, set beside the paper's row
-        PAPER_DATASET[id]; stand_in: {domain: our dataset id} for paper rows without a dataset of their
-        own (the smoke profile's synthetic domains stand in for the paper's industrial / medical sets).
-        Columns: `our data` (where each row's numbers come from), (metric, ours | paper) in percent with
-        one decimal, and `mark`, the trust mark(s) of the row's paper numbers."""
-        import pandas as pd
-
-        from .paper_tables import paper_numbers
-
-        reported = paper_numbers(**filters)
-        by_paper_name = {PAPER_DATASET.get(ds, ds): ds for ds in ours}
-        standing_in = set((stand_in or {}).values())
-        rows = list(dict.fromkeys(reported.dataset)) + [n for n, ds in by_paper_name.items()
-                                                        if n not in set(reported.dataset) and ds not in standing_in]
-        domains = dict(zip(reported.dataset, reported.domain))
-        records = {}
-        for name in rows:
-            ds = by_paper_name.get(name) or (stand_in or {}).get(domains.get(name))
-            record, marks = {("our data", ""): ds if ds in ours else "-"}, []
-            for m in metrics:
-                level, metric = PAPER_METRIC[m]
-                hit = reported[(reported.dataset == name) & (reported.level == level) & (reported.metric == metric)]
-                value = ours[ds]["mean"].get(m, {}).get("mean", np.nan) if ds in ours else np.nan
-                record[(METRIC_LABELS[m], "ours")] = round(100 * value, 1)
-                record[(METRIC_LABELS[m], "paper")] = float(hit.value.iloc[0]) if len(hit) else np.nan
-                marks += list(hit.trust.iloc[:1])
-            record[("mark", "")] = " / ".join(dict.fromkeys(marks)) or "-"
-            records[name] = record
-        table = pd.DataFrame.from_dict(records, orient="index")
-        table.columns = pd.MultiIndex.from_tuples(table.columns)
-        table.index.name = "dataset"
-        return table
+    # the notebooks' table helpers (zsad_core.tables)
+    table = staticmethod(method_table)
+    beside_paper = staticmethod(beside_paper)
+    beside_paper_table = staticmethod(beside_paper_table)
 
     def save(self, frame, name: str) -> Path:
         """Write a table as CSV under the notebook's results folder."""

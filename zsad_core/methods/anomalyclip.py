@@ -100,6 +100,11 @@ class AnomalyCLIPFamily:
     mask_convention = "bilinear"
     default_image_size = 518
     uses_class_name = False
+    # the official train.py of both repositories: the same optimizer, epochs, batch and seed
+    stages = ("prompts",)
+    recipe = {"prompts": {"optimizer": "Adam", "lr": 1e-3, "betas": (0.5, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                          "schedule": None, "epochs": 15, "batch_size": 8, "shuffle": True, "seed": 111,
+                          "split": "test", "save_every_epochs": 1}}
 
     def make_optimizer(self, stage: str, steps_per_epoch: int, epochs: int):
         r = self.recipe["prompts"]
@@ -130,11 +135,6 @@ class AnomalyCLIP(AnomalyCLIPFamily, Method):
         layers: tuple[int, ...] | None = None  # None: the configuration's
         local_weight: float | None = None  # None: the configuration's
         sigma: float = 4.0
-
-    stages = ("prompts",)
-    recipe = {"prompts": {"optimizer": "Adam", "lr": 1e-3, "betas": (0.5, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                          "schedule": None, "epochs": 15, "batch_size": 8, "shuffle": True, "seed": 111,
-                          "split": "test", "save_every_epochs": 1}}
 
     def __init__(self, backbone, options=None, image_size=None):
         super().__init__(backbone, options, image_size)

@@ -120,11 +120,6 @@ class FAPrompt(AnomalyCLIPFamily, Method):
         sigma: float = 10.0
         global_ln_post: bool = False
 
-    stages = ("prompts",)
-    recipe = {"prompts": {"optimizer": "Adam", "lr": 1e-3, "betas": (0.5, 0.999), "eps": 1e-8, "weight_decay": 0.0,
-                          "schedule": None, "epochs": 15, "batch_size": 8, "shuffle": True, "seed": 111,
-                          "split": "test", "save_every_epochs": 1}}
-
     def __init__(self, backbone, options=None, image_size=None):
         super().__init__(backbone, options, image_size)
         o = self.options

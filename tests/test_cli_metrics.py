@@ -136,6 +136,14 @@ def test_bench_command_writes_json_with_machine_and_provenance(tmp_path, monkeyp
     assert main(["bench", "--only", "nosuch", "--out", str(tmp_path)]) == 2
 
 
+def test_bench_runs_methods_at_the_nearest_size_the_patch_divides():
+    from zsad_core.bench import nearest_patch_multiple
+
+    assert nearest_patch_multiple(518, 14) == 518 and nearest_patch_multiple(336, 14) == 336
+    assert nearest_patch_multiple(518, 16) == 512 and nearest_patch_multiple(336, 16) == 336
+    assert nearest_patch_multiple(240, 32) == 256 and nearest_patch_multiple(5, 16) == 16
+
+
 def test_synthetic_category_is_deterministic_and_realistic():
     from zsad_core.bench import synthetic_category
     from zsad_core.metrics import aupro, label_regions

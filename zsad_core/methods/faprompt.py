@@ -82,7 +82,6 @@ from ..prompt_learner import PromptLearner
 from .anomalyclip import DPAM_START, TEMPERATURE, AnomalyCLIPFamily
 from .base import Method, read_official_checkpoint, register
 
-FEATURE_LAYER = 24  # only the last block's V-V tokens are used
 PRIOR_NET = "patch_meta_net"  # the official module name (and checkpoint key prefix) of psi
 
 
@@ -148,9 +147,14 @@ class FAPrompt(AnomalyCLIPFamily, Method):
                                           deep_prompts_fp16=self.options.deep_prompts_fp16, truncate=True)
 
     # ------------------------------------------------------------------ vision
+    @property
+    def feature_layer(self) -> int:
+        """Only the last block's V-V tokens are used (block 24 of ViT-L/14@336)."""
+        return self.backbone.vision_layers
+
     def encode_image(self, images: torch.Tensor):
         """The DPAM pass: tokens[24] = ln_post(v_24) @ proj [B, 1+N, D]; `final` = the original path."""
-        return self.backbone.encode_image_layers(images, [FEATURE_LAYER], interpolation="bilinear", dpam="vv",
+        return self.backbone.encode_image_layers(images, [self.feature_layer], interpolation="bilinear", dpam="vv",
                                                  dpam_start=DPAM_START, ln_post=True, proj=True)
 
     def global_features(self, vision) -> torch.Tensor:
@@ -170,7 +174,7 @@ class FAPrompt(AnomalyCLIPFamily, Method):
 
     def paths(self, vision) -> dict[str, torch.Tensor]:
         """Everything the official test/train forward computes from one vision pass, keyed by name."""
-        tokens = vision.tokens[FEATURE_LAYER]
+        tokens = vision.tokens[self.feature_layer]
         patches = tokens / tokens.norm(dim=-1, keepdim=True)
         g = self.global_features(vision)
         static_raw = self.prompt_features()

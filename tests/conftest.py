@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,27 @@ def input_paths(masks: bool = False) -> list[Path]:
     return [GOLDEN / "inputs" / f"{n}{'_mask' if masks else ''}.png" for n in INPUT_NAMES]
 
 
+# ZSAD_GOLDEN_REPORT=FILE: every assert_close also records its largest deviation, written to FILE (JSON) at the
+# end of the session - the measured distance of each compared tensor from its golden.
+_DEVIATIONS: list[dict] = []
+
+
 def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str = ""):
     """torch.testing.assert_close on float32 CPU copies, with the tolerance in the message."""
-    torch.testing.assert_close(actual.detach().cpu().float(), expected.float(), atol=atol, rtol=rtol,
+    actual, expected = actual.detach().cpu().float(), expected.float()
+    if os.environ.get("ZSAD_GOLDEN_REPORT") and actual.shape == expected.shape and actual.numel():
+        diff = (actual - expected).abs()
+        _DEVIATIONS.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "name": name,
+                            "max_abs": float(diff.max()), "atol": atol, "rtol": rtol,
+                            "max_fraction_of_tolerance": float((diff / (atol + rtol * expected.abs())).max())})
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
                                msg=lambda m: f"{name}: {m} (atol {atol}, rtol {rtol})")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    report = os.environ.get("ZSAD_GOLDEN_REPORT")
+    if report and _DEVIATIONS:
+        Path(report).write_text(json.dumps(_DEVIATIONS, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -62,3 +62,25 @@ def tiny():
     from zsad_core.backbone import load_backbone
 
     return load_backbone("tiny")
+
+
+def check_zsad_checkpoint_round_trip(make, tiny, tmp_path):
+    """make(tiny[, checkpoint=False]) -> method: zsad's own checkpoint restores every learnable tensor."""
+    source = make(tiny)
+    path = tmp_path / "a.safetensors"
+    source.save_checkpoint(path)
+    loaded = make(tiny, checkpoint=False)
+    loaded.load_checkpoint(path)
+    assert all(torch.equal(loaded.learnable_state()[k], v) for k, v in source.learnable_state().items())
+
+
+def check_foreign_checkpoints_fail_in_one_line(method, tmp_path):
+    """Another method's official file and a file that is no checkpoint: one line naming the file."""
+    from zsad_core.errors import CheckpointError
+
+    (tmp_path / "notes.pth").write_text("hello")
+    for path, expected in [(GOLDEN / "aprilgan" / "checkpoints" / "epoch_1.pth", "expected key 'prompt_learner'"),
+                           (tmp_path / "notes.pth", "not a readable PyTorch checkpoint")]:
+        with pytest.raises(CheckpointError, match=expected) as err:
+            method.load_checkpoint(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)

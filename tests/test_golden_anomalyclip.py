@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, INPUT_CLASSES, assert_close, golden, input_paths
+from conftest import (GOLDEN, check_foreign_checkpoints_fail_in_one_line, check_zsad_checkpoint_round_trip,
+                       INPUT_CLASSES, assert_close, golden, input_paths)
 from zsad_core.backbone import VisionOutput
 from zsad_core.cli import main
 from zsad_core.errors import CheckpointError, OptionError
@@ -297,12 +298,7 @@ def test_export_official_round_trip(tiny, tmp_path, small_images):
 
 
 def test_zsad_checkpoint_round_trip(tiny, tmp_path):
-    source = make(tiny)
-    path = tmp_path / "a.safetensors"
-    source.save_checkpoint(path)
-    loaded = make(tiny, checkpoint=False)
-    loaded.load_checkpoint(path)
-    assert all(torch.equal(loaded.learnable_state()[k], v) for k, v in source.learnable_state().items())
+    check_zsad_checkpoint_round_trip(make, tiny, tmp_path)
 
 
 def test_wrong_checkpoint_is_one_clear_line(tiny, tmp_path, capsys):
@@ -312,13 +308,7 @@ def test_wrong_checkpoint_is_one_clear_line(tiny, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "not an official AnomalyCLIP prompt learner" in lines[0], lines
     assert str(fa) in lines[0] and "patch_meta_net" in lines[0]
-    (tmp_path / "notes.pth").write_text("hello")
-    method = make(tiny, checkpoint=False)
-    for path, expected in [(GOLDEN / "aprilgan" / "checkpoints" / "epoch_1.pth", "expected key 'prompt_learner'"),
-                           (tmp_path / "notes.pth", "not a readable PyTorch checkpoint")]:
-        with pytest.raises(CheckpointError, match=expected) as err:
-            method.load_checkpoint(path)
-        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    check_foreign_checkpoints_fail_in_one_line(make(tiny, checkpoint=False), tmp_path)
 
 
 def test_checkpoint_of_another_width_or_depth_says_so(tiny, tmp_path):

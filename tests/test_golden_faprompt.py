@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, assert_close, golden, golden_hash, input_paths
+from conftest import (GOLDEN, check_foreign_checkpoints_fail_in_one_line, check_zsad_checkpoint_round_trip,
+                       assert_close, golden, golden_hash, input_paths)
 from zsad_core.cli import main
 from zsad_core.errors import CheckpointError, OptionError
 from zsad_core.losses import pairwise_cosine_loss
@@ -385,12 +386,7 @@ def test_export_official_round_trip(tiny, tmp_path, small_images):
 
 
 def test_zsad_checkpoint_round_trip(tiny, tmp_path):
-    source = make(tiny)
-    path = tmp_path / "a.safetensors"
-    source.save_checkpoint(path)
-    loaded = make(tiny, checkpoint=False)
-    loaded.load_checkpoint(path)
-    assert all(torch.equal(loaded.learnable_state()[k], v) for k, v in source.learnable_state().items())
+    check_zsad_checkpoint_round_trip(make, tiny, tmp_path)
 
 
 def test_wrong_checkpoint_is_one_clear_line(tiny, tmp_path, capsys):
@@ -400,13 +396,7 @@ def test_wrong_checkpoint_is_one_clear_line(tiny, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "not an official FAPrompt checkpoint" in lines[0], lines
     assert str(other) in lines[0] and "--method anomalyclip" in lines[0]
-    (tmp_path / "notes.pth").write_text("hello")
-    method = make(tiny, checkpoint=False)
-    for path, expected in [(GOLDEN / "aprilgan" / "checkpoints" / "epoch_1.pth", "expected key 'prompt_learner'"),
-                           (tmp_path / "notes.pth", "not a readable PyTorch checkpoint")]:
-        with pytest.raises(CheckpointError, match=expected) as err:
-            method.load_checkpoint(path)
-        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    check_foreign_checkpoints_fail_in_one_line(make(tiny, checkpoint=False), tmp_path)
 
 
 def test_checkpoint_of_other_sizes_says_which_option(tiny, tmp_path):
